@@ -1,0 +1,43 @@
+# attnlab — the two front-door commands are `make run` (the whole study) and `make test` (the test suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned and installed first. PyPI serves each platform its own build of this version: CUDA on Linux
+# x86-64, MPS on macOS. Override for another build, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH ?= torch==2.13.0
+# The quick profile: a few MB of corpus, a tiny model, a short budget — the whole pipeline in minutes on a CPU.
+QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sample_mb=2 \
+	-S model.d_model=128 -S model.n_layers=2 -S model.n_heads=4 -S model.d_ff=256 -S model.seq_len=128 \
+	-S train.max_tokens=600000 -S train.batch_size=16 -S train.lr=0.003 -S train.eval_tokens=16384 \
+	-S eval.max_tokens=65536 -S eval.sample_tokens=80 \
+	-S attention.n_examples=16 -S 'attention.seq_len_filter=[32,64]' \
+	-S interventions.n_eval_tokens=16384 -S interventions.mean_tokens=16384 -S interventions.sample_tokens=60 \
+	-S probe.n_examples=16
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: venv run quick test bench compare sweep clean-venv
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+run: venv  ## the whole study with params.yaml
+	dvc repro
+
+quick: venv  ## the whole pipeline with the small CPU profile, applied as a DVC experiment
+	dvc exp run $(QUICK_PARAMS)
+
+test: venv  ## the test suite
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+bench: venv  ## throughput figures, written to reports/bench.json
+	$(BIN)/python -m attnlab.bench --out reports/bench.json
+
+clean-venv:
+	rm -rf $(VENV)
