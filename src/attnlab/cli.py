@@ -5,18 +5,18 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from attnlab.config import ConfigError
+from attnlab.config import AttnlabError
 
 EXIT_BAD_INPUT = 2
 
 
 def run_cli(fn: Callable[[list[str]], None], argv: list[str]) -> int:
-    """Run fn(argv); turn a ConfigError into one line on stderr and exit status 2 (no traceback)."""
+    """Run fn(argv); an AttnlabError becomes one line on stderr (no traceback): status 2 for bad input."""
     try:
         fn(argv)
-    except ConfigError as exc:
+    except AttnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -27,8 +27,16 @@ MIN_VOCAB = 384  # 256 byte-fallback pieces + special pieces + the characters of
 MAX_VOCAB = 65535  # token files are uint16
 
 
-class ConfigError(ValueError):
+class AttnlabError(Exception):
+    """An error attnlab reports as one line (`error: ...`) rather than a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(AttnlabError, ValueError):
     """Bad input: names the parameter (or file) and says what was expected."""
+
+    exit_code = 2
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")

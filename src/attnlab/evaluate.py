@@ -1,0 +1,62 @@
+"""The evaluate stage's logic: validation loss, perplexity, bits per byte, and samples."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import sentencepiece as spm
+
+from attnlab.checkpoint import load_model
+from attnlab.config import ConfigError, Params
+from attnlab.data import check_length, load_meta, load_tokens
+from attnlab.generate import generate
+from attnlab.train import evaluate_loss, pick_device
+
+
+def load_processor(tokenizer_dir: str | Path) -> spm.SentencePieceProcessor:
+    path = Path(tokenizer_dir) / "tokenizer.model"
+    if not path.exists():
+        raise ConfigError(str(path), "tokenizer model not found: run the tokenizer stage first")
+    return spm.SentencePieceProcessor(model_file=str(path))
+
+
+def evaluate(params: Params, model_path: Path, tokens_dir: Path, tokenizer_dir: Path) -> tuple[dict, str]:
+    """Returns (metrics, samples markdown)."""
+    device = pick_device(params.train.device)
+    model, meta = load_model(model_path, device)
+    train_metrics = meta.get("train_metrics", {})
+    val_tokens = load_tokens(tokens_dir, "val")
+    seq_len = model.cfg.seq_len
+    check_length(val_tokens, seq_len, "val")
+    loss, n_tokens = evaluate_loss(model, val_tokens, seq_len, params.eval.max_tokens, params.eval.batch_size,
+                                   device, progress=True)
+    bytes_per_token = load_meta(tokens_dir)["bytes_per_token"]["val"]
+    metrics = {
+        "val_loss": round(loss, 6),
+        "val_ppl": round(math.exp(loss), 4),
+        "val_bpb": round(loss / math.log(2) / bytes_per_token, 6),
+        "val_tokens_scored": n_tokens,
+        "n_params": train_metrics.get("n_params", sum(p.numel() for p in model.parameters())),
+        "train_tokens": train_metrics.get("train_tokens"),
+        "tokens_per_param": train_metrics.get("tokens_per_param"),
+        "tokens_per_sec": train_metrics.get("tokens_per_sec"),
+        "device": train_metrics.get("device", device.type),
+    }
+    processor = load_processor(tokenizer_dir)
+    samples = samples_markdown(model, processor, params)
+    return metrics, samples
+
+
+def samples_markdown(model, processor, params: Params, title: str = "Samples") -> str:
+    cfg = params.eval
+    lines = [f"# {title}", "",
+             f"{cfg.sample_tokens} tokens per prompt, temperature {cfg.sample_temperature}, "
+             f"top-k {cfg.sample_top_k or 'off'}, seed {params.seed}.", ""]
+    for i, prompt in enumerate(cfg.prompts):
+        text = generate(model, processor, prompt, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
+                        seed=params.seed + i)
+        lines += [f"## Prompt {i + 1}: `{prompt.strip() or repr(prompt)}`", "", "```python", text.rstrip("\n"),
+                  "```", ""]
+    return "\n".join(lines)
+

@@ -1,0 +1,34 @@
+"""evaluate stage: validation loss, perplexity and bits per byte of the trained model, plus samples."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from attnlab.cli import run_cli
+from attnlab.config import load_params
+from attnlab.evaluate import evaluate
+from attnlab.io import write_json, write_text
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", default="models/model.pt")
+    parser.add_argument("--tokens", default="data/tokens")
+    parser.add_argument("--tokenizer", default="data/tokenizer")
+    parser.add_argument("--metrics", default="reports/eval.json")
+    parser.add_argument("--samples", default="reports/samples.md")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    t0 = time.time()
+    metrics, samples = evaluate(params, Path(args.model), Path(args.tokens), Path(args.tokenizer))
+    write_json(args.metrics, metrics)
+    write_text(args.samples, samples)
+    print(f"[evaluate] val loss {metrics['val_loss']:.4f} nats/token, ppl {metrics['val_ppl']:.2f}, "
+          f"{metrics['val_bpb']:.4f} bits/byte over {metrics['val_tokens_scored']:,} tokens "
+          f"in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
