@@ -6,16 +6,15 @@ nodes, run it under torchrun yourself (see the README, "Scaling up").
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from attnlab.cli import run_cli
-from attnlab.config import ConfigError, load_params
+from attnlab.config import load_params
 from attnlab.plots_train import loss_curve, save_figure
-from attnlab.train import TrainPaths, dist_from_env, train
+from attnlab.train import TrainPaths, check_world, dist_from_env, pick_device, train
 
 
 def main(argv: list[str]) -> None:
@@ -25,7 +24,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", default="models/model.pt")
     parser.add_argument("--checkpoints", default="models/checkpoints")
     parser.add_argument("--metrics", default="reports/train.json")
-    parser.add_argument("--log", default="reports/train_log.tsv")
+    parser.add_argument("--step-log", default="reports/train_log.tsv")
     parser.add_argument("--val-log", default="reports/val_log.tsv")
     parser.add_argument("--figure", default="reports/figures/loss_curve.png")
     args = parser.parse_args(argv)
@@ -33,14 +32,13 @@ def main(argv: list[str]) -> None:
 
     nproc = params.train.nproc_per_node
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        torchrun = shutil.which("torchrun")
-        if torchrun is None:
-            raise ConfigError("train.nproc_per_node", f"{nproc} processes need torchrun, which is not on PATH")
-        os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={nproc}", __file__, *argv])
+        check_world(params.train, pick_device(params.train.device), nproc, nproc)  # fail before launching
+        torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` command, this interpreter
+        os.execv(sys.executable, [*torchrun, "--standalone", f"--nproc_per_node={nproc}", __file__, *argv])
 
     paths = TrainPaths(
         tokens=Path(args.tokens), model=Path(args.model), checkpoints=Path(args.checkpoints),
-        log=Path(args.log), val_log=Path(args.val_log), metrics=Path(args.metrics),
+        log=Path(args.step_log), val_log=Path(args.val_log), metrics=Path(args.metrics),
     )
     train(params, paths)
     if dist_from_env().is_main:

@@ -50,7 +50,7 @@ def _train(tmp_path, name, extra=None, env=None):
     write_params(tmp_path / "params.yaml", overrides)
     out = tmp_path / name
     args = ["--params", "params.yaml", "--tokens", "tokens", "--model", f"{name}/model.pt",
-            "--checkpoints", f"{name}/checkpoints", "--metrics", f"{name}/train.json", "--log", f"{name}/log.tsv",
+            "--checkpoints", f"{name}/checkpoints", "--metrics", f"{name}/train.json", "--step-log", f"{name}/log.tsv",
             "--val-log", f"{name}/val.tsv", "--figure", f"{name}/loss.png"]
     return run_stage("train.py", *args, cwd=tmp_path, env=env), out
 

@@ -144,12 +144,14 @@ class TrainConfig:
     checkpoint_every_min: float = 5.0  # ... and at least every this many minutes
     log_every: int = 10  # steps between logged rows (and host synchronisations)
     nproc_per_node: int = 1  # processes per node; >1 runs the train stage under torchrun (DDP)
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo
 
     def validate(self) -> None:
         dev = self.device
         if dev not in DEVICES and not (dev.startswith("cuda:") and dev[5:].isdigit()):
             raise ConfigError("train.device", f"{dev!r} is not one of {', '.join(DEVICES)} or cuda:N")
         _choice("train.precision", self.precision, PRECISIONS)
+        _choice("train.backend", self.backend, ("auto", "nccl", "gloo"))
         for key in ("batch_size", "lr", "tokens_per_param", "log_every", "nproc_per_node", "eval_tokens"):
             _positive(f"train.{key}", getattr(self, key))
         for key in ("micro_batch_size", "max_tokens", "weight_decay", "grad_clip"):

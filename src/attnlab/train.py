@@ -82,19 +82,21 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def check_world(cfg: TrainConfig, device: torch.device, world: Dist) -> None:
-    """Refuse bad process/device combinations before any work starts."""
-    if world.world_size > 1 and device.type == "cuda" and world.local_rank >= torch.cuda.device_count():
+def check_world(cfg: TrainConfig, device: torch.device, nproc_per_node: int, world_size: int) -> str:
+    """Refuse bad process/device/backend combinations before any work starts; returns the backend."""
+    if nproc_per_node > 1 and device.type == "cuda" and nproc_per_node > torch.cuda.device_count():
         raise ConfigError(
             "train.nproc_per_node",
-            f"{cfg.nproc_per_node} processes per node but only {torch.cuda.device_count()} GPU(s)",
+            f"{nproc_per_node} processes per node but only {torch.cuda.device_count()} GPU(s) on this machine",
         )
-    if world.world_size > 1 and device.type == "mps":
+    if world_size > 1 and device.type == "mps":
         raise ConfigError("train.nproc_per_node", "data-parallel training is not supported on MPS; use 1")
-    if cfg.batch_size % world.world_size:
-        raise ConfigError(
-            "train.batch_size", f"{cfg.batch_size} is not divisible by the {world.world_size} processes"
-        )
+    if cfg.batch_size % world_size:
+        raise ConfigError("train.batch_size", f"{cfg.batch_size} is not divisible by the {world_size} processes")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("train.backend", f"nccl needs CUDA devices, but training runs on {device.type}; use gloo")
+    return backend
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -158,7 +160,7 @@ def fingerprint(params: Params, vocab_size: int, tokens_meta: dict) -> str:
     """What a checkpoint must match to be resumed: everything that changes the optimisation."""
     train = dataclasses.asdict(params.train)
     for key in ("device", "compile", "log_every", "checkpoint_every_frac", "checkpoint_every_min",
-                "nproc_per_node", "micro_batch_size", "eval_every_frac", "eval_tokens"):
+                "nproc_per_node", "backend", "micro_batch_size", "eval_every_frac", "eval_tokens"):
         train.pop(key)
     blob = {
         "seed": params.seed,
@@ -242,7 +244,7 @@ def train(params: Params, paths: TrainPaths) -> dict:
     world = dist_from_env()
     cfg = params.train
     device = pick_device(cfg.device, world.local_rank)
-    check_world(cfg, device, world)
+    backend = check_world(cfg, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)), world.world_size)
     meta = load_meta(paths.tokens)
     vocab_size = params.tokenizer.vocab_size
     if meta["vocab_size"] > vocab_size:
@@ -252,7 +254,7 @@ def train(params: Params, paths: TrainPaths) -> dict:
     check_length(train_tokens, params.model.seq_len, "train")
     check_length(val_tokens, params.model.seq_len, "val")
     if world.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
