@@ -475,4 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m attnlab.config` this file is `__main__`, whose ConfigError is not the class cli.run_cli
+    # catches (that one lives in the module `attnlab.config`), so run the main of the importable module.
+    from attnlab.config import main as _main
+
+    sys.exit(_main())
