@@ -45,8 +45,8 @@ STDLIB_FILES = [
 TRICKY_FILES = {
     "tabs_crlf.py": "class Tabbed:\r\n\tdef f(self, x):\r\n\t\tif x:\r\n\t\t\treturn x\t# tab comment\r\n"
     "\t\treturn None\r\n\r\n\r\n",
-    "unicode_names.py": "# -*- coding: utf-8 -*-\nπ = 3.14159\nélève = 'naïve café'\n变量 = \"中文字符串\"\n"
-    "Ωmega_Δ = π * 2\ndef grüße(名前):\n    return f'Hallo {名前} 👋🏽'\n\nσ²= 'x²'\n",
+    "unicode_names.py": "# -*- coding: utf-8 -*-\nπ = 3.14159\nélève = 'naïve café'\n"
+    "变量 = \"中文字符串\"\nΩmega_Δ = π * 2\ndef grüße(名前):\n    return f'Hallo {名前} 👋🏽'\n\nσ²= 'x²'\n",
     "long_lines.py": "TABLE = [" + ", ".join(str(i * 7919 % 10007) for i in range(4000)) + "]\n"
     + "S = '" + "abc\\t" * 3000 + "'\n" + "x" * 9000 + " = 1\n",
     "blank_trailing.py": "\n\n\nimport os   \n\n    \n\t\n\ndef f():   \n    pass\t\n\x0c\n\n\n"

@@ -28,7 +28,7 @@ MODEL_FILE = "tokenizer.model"
 CHUNK_CHARS = 2000  # training sentences: runs of whole lines up to this many characters
 MAX_SENTENCE_LENGTH = 4 * CHUNK_CHARS  # bytes: a chunk of CHUNK_CHARS characters is never dropped by the trainer
 UNK_ID, EOS_ID = 0, 1  # eos separates documents in the token files
-ENCODE_BATCH_BYTES = 1_000_000  # documents per encode call (bounds the progress bar's granularity)
+ENCODE_BATCH_BYTES = 1_000_000  # characters of documents per encode call (the progress bar's step)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -84,6 +84,8 @@ def trainer_options(vocab_size: int) -> dict:
         split_digits=True,
         max_sentence_length=MAX_SENTENCE_LENGTH,
         character_coverage=0.9995,
+        # "\n" is deliberately not a user-defined symbol: pieces such as "):\n" and "\n    " then exist, giving
+        # ~9% fewer tokens per byte on the default corpus (3.91 vs 3.57 bytes/token), still lossless.
         user_defined_symbols=["\t"],
         unk_id=UNK_ID,
         eos_id=EOS_ID,
