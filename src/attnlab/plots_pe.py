@@ -75,12 +75,13 @@ def plot_dimension_variance(variance: pd.DataFrame, adjusted: bool = True) -> pl
     fig, axes = plt.subplots(2, 1, figsize=(12, 1.2 + 0.9 * len(points) * 2), sharex=True)
     for ax, what in zip(axes, ("position", "token")):
         grid = variance.pivot(index="point_index", columns="dimension", values=f"{what}_share{suffix}")
-        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        vmax = max(0.05, float(grid.to_numpy().max()))  # own scale per panel: position shares are often small
+        image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
         ax.grid(False)
         ax.set_yticks(range(len(points)), points)
         ax.set_ylabel("residual stream point")
         ax.set_title(f"share of each dimension's variance explained by {what}")
-        fig.colorbar(image, ax=ax, label="variance share (0-1)")
+        fig.colorbar(image, ax=ax, label="variance share")
     axes[-1].set_xlabel("residual dimension (index into d_model)")
     kind = "epsilon^2, chance-corrected" if adjusted else "eta^2"
     fig.suptitle(f"Where position lives: position vs token variance per dimension ({kind})")
