@@ -39,5 +39,12 @@ test: venv  ## the test suite
 bench: venv  ## throughput figures, written to reports/bench.json
 	$(BIN)/python -m attnlab.bench --out reports/bench.json
 
+# Experiments run side by side by `make compare` (each trains its own model; 1 suits a CPU or a single GPU).
+JOBS ?= 1
+compare: venv  ## every PE variant + non-linear Q/K/V, x compare.seeds, as DVC experiments -> reports/compare.html
+	$(BIN)/python -m attnlab.compare --queue $(if $(QUICK),$(QUICK_PARAMS))
+	dvc exp run --run-all -j $(JOBS)
+	$(BIN)/python -m attnlab.compare --out reports/compare.html --figure reports/figures/compare_val_loss.png
+
 clean-venv:
 	rm -rf $(VENV)

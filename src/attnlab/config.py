@@ -118,6 +118,14 @@ class ModelConfig:
         _positive("model.rope_base", self.rope_base)
         for part in self.qkv_nonlinear_parts:
             _choice("model.qkv_nonlinear_parts", part, QKV_PARTS)
+        if len(set(self.qkv_nonlinear_parts)) != len(self.qkv_nonlinear_parts):
+            raise ConfigError("model.qkv_nonlinear_parts", f"{list(self.qkv_nonlinear_parts)} repeats a part")
+        if self.pe == "complex" and self.qkv_nonlinear_heads and {"q", "k"} & set(self.qkv_nonlinear_parts):
+            raise ConfigError(
+                "model.qkv_nonlinear_parts",
+                "model.pe=complex applies Q and K as complex matrices, which have no GELU MLP form; "
+                "use model.qkv_nonlinear_parts=[v] with it",
+            )
         for spec in self.qkv_nonlinear_heads:
             parse_head_selector(spec, self.n_layers, self.n_heads, "model.qkv_nonlinear_heads")
 

@@ -72,31 +72,95 @@ class HookPoint(nn.Identity):
 # --------------------------------------------------------------------------------------------- attention
 
 
+def complex_pe_angles(seq_len: int, d_model: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.pe=complex: cos and sin of t * theta_i with theta_i = base^(-2i/D), pairs i < D/2. Each (T, D/2).
+
+    The original study's sketch: token vectors are real, position makes them complex, the Q/K projections stay
+    real but multiply as complex matrices, and the softmax takes the real part. In each attention layer:
+
+    - x_t in R^D is the layer's input at position t; z_t in C^(D/2) its pairs, z_t[i] = x_t[2i] + j x_t[2i+1].
+    - Position: u_t[i] = z_t[i] * e^(j t theta_i) (apply_rope over all D dims, before the projections).
+    - Projections: q_t = W_q u_t, k_t = W_k u_t with real W_q, W_k of shape (D/2, D/2), no bias
+      (complex_linear: Re and Im are each multiplied by W). Head h owns the complex rows
+      R_h = [h Dh/2, (h+1) Dh/2), stored as Dh interleaved real numbers. V = W_v x_t + b_v stays real.
+    - Scores: S_h(s, t) = Re(sum_{r in R_h} q_s[r] conj(k_t[r])) / sqrt(Dh). This is the plain real dot
+      product of the interleaved vectors, so the explicit path and SDPA compute it unchanged.
+
+    With M_h = W_q[R_h]^T W_k[R_h] (real, (D/2, D/2)) the score expands to
+        sqrt(Dh) S_h(s, t) = sum_{a, b} M_h[a, b] Re(z_s[a] conj(z_t[b]) e^(j (s theta_a - t theta_b))),
+    and s theta_a - t theta_b = (s - t) theta_a + t (theta_a - theta_b). The a = b terms depend on position
+    only through s - t; an a != b term also depends on the absolute t, since all theta_i differ. So:
+    - relative only (shifting the whole input by d positions shifts the scores by d) exactly when every M_h is
+      diagonal, e.g. W_q = W_k = I, or both diagonal. A general W mixes pairs of different frequencies, and
+      the scores then carry absolute position too: unlike rope, which rotates after the projection, per head.
+    - always: turning every pair of every token by one common angle phi leaves all scores unchanged
+      (q and k both gain e^(j phi), which the conjugate cancels), because W is complex-linear.
+    """
+    return rope_angles(seq_len, d_model, base)
+
+
+def complex_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A real matrix W applied as a complex matmul: q = W z, i.e. Re(q) = W Re(z) and Im(q) = W Im(z).
+
+    x holds n complex numbers as interleaved pairs, z_i = x[2i] + j x[2i+1]; weight is real (m, n); the
+    result holds m complex numbers the same way. As a real map this is W (x) I_2: it never mixes the real and
+    imaginary parts of a number, only numbers with each other. x: (..., 2n) -> (..., 2m).
+    """
+    parts = x.unflatten(-1, (-1, 2)).transpose(-1, -2)  # (..., 2, n): row 0 real parts, row 1 imaginary parts
+    out = parts @ weight.t()  # (..., 2, m)
+    return out.transpose(-1, -2).flatten(-2)  # (..., 2m) interleaved again
+
+
+class ComplexLinear(nn.Module):
+    """Q or K of model.pe=complex: a real (D/2, D/2) weight acting on D/2 complex numbers, no bias.
+
+    A bias would add a constant that the position phases never rotate, so it is left out.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_model // 2, d_model // 2))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return complex_linear(x, self.weight)  # (B, T, D)
+
+
 class Projection(nn.Module):
     """Q, K or V for all heads: a linear map, or for chosen heads a small GELU MLP (model.qkv_nonlinear_*).
 
-    Output (B, T, D), heads laid out as H consecutive slices of Dh.
+    The linear map produces only the other heads' slices, so every parameter is used. The chosen heads' MLPs
+    run batched: chosen head n gives gelu(x @ mlp_in_weight[n] + mlp_in_bias[n]) @ mlp_out_weight[n]
+    + mlp_out_bias[n]. Output (B, T, D), heads laid out as H consecutive slices of Dh.
     """
 
     def __init__(self, cfg: ModelConfig, nonlinear_heads: list[int]):
         super().__init__()
-        D, Dh = cfg.d_model, cfg.d_head
-        self.linear = nn.Linear(D, D)
-        self.nonlinear_heads = list(nonlinear_heads)
-        self.mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(D, cfg.qkv_nonlinear_hidden), nn.GELU(), nn.Linear(cfg.qkv_nonlinear_hidden, Dh))
-            for _ in self.nonlinear_heads
-        )
+        D, Dh, H, hidden = cfg.d_model, cfg.d_head, cfg.n_heads, cfg.qkv_nonlinear_hidden
         self.d_head = Dh
+        self.nonlinear_heads = sorted(set(nonlinear_heads))
+        self.linear_heads = [head for head in range(H) if head not in self.nonlinear_heads]
+        self.linear = nn.Linear(D, len(self.linear_heads) * Dh) if self.linear_heads else None
+        n = len(self.nonlinear_heads)
+        if n:
+            self.mlp_in_weight = nn.Parameter(torch.randn(n, D, hidden) * 0.02)
+            self.mlp_in_bias = nn.Parameter(torch.zeros(n, hidden))
+            self.mlp_out_weight = nn.Parameter(torch.randn(n, hidden, Dh) * 0.02)
+            self.mlp_out_bias = nn.Parameter(torch.zeros(n, Dh))
+            # the linear heads come first, then the MLP heads; head_order puts them back in head order
+            order = torch.argsort(torch.tensor(self.linear_heads + self.nonlinear_heads))
+            self.register_buffer("head_order", order, persistent=False)  # (H,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.linear(x)  # (B, T, D)
         if not self.nonlinear_heads:
-            return out
-        slices = list(out.split(self.d_head, dim=-1))  # H x (B, T, Dh)
-        for head, mlp in zip(self.nonlinear_heads, self.mlps):
-            slices[head] = mlp(x)
-        return torch.cat(slices, dim=-1)  # (B, T, D)
+            return self.linear(x)  # (B, T, D)
+        B, T, _ = x.shape
+        hidden = F.gelu(torch.einsum("btd,ndf->btnf", x, self.mlp_in_weight) + self.mlp_in_bias)  # (B, T, n, F)
+        heads = torch.einsum("btnf,nfe->btne", hidden, self.mlp_out_weight) + self.mlp_out_bias  # (B, T, n, Dh)
+        if self.linear is not None:
+            linear = self.linear(x).view(B, T, len(self.linear_heads), self.d_head)  # (B, T, H - n, Dh)
+            heads = torch.cat((linear, heads), dim=2)  # (B, T, H, Dh), linear heads first
+        return heads[:, :, self.head_order].flatten(2)  # (B, T, D) in head order
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,8 +170,11 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.d_head, self.d_model = cfg.n_heads, cfg.d_head, cfg.d_model
         self.pe = cfg.pe
         nonlinear = _nonlinear_heads(cfg, layer)
-        self.q_proj = Projection(cfg, nonlinear if "q" in cfg.qkv_nonlinear_parts else [])
-        self.k_proj = Projection(cfg, nonlinear if "k" in cfg.qkv_nonlinear_parts else [])
+        if cfg.pe == "complex":  # config.py rejects a non-linear Q/K here
+            self.q_proj, self.k_proj = ComplexLinear(cfg.d_model), ComplexLinear(cfg.d_model)
+        else:
+            self.q_proj = Projection(cfg, nonlinear if "q" in cfg.qkv_nonlinear_parts else [])
+            self.k_proj = Projection(cfg, nonlinear if "k" in cfg.qkv_nonlinear_parts else [])
         self.v_proj = Projection(cfg, nonlinear if "v" in cfg.qkv_nonlinear_parts else [])
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
@@ -122,6 +189,10 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope_angles(cfg.seq_len, rope_dim, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (T, rope_dim/2)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.pe == "complex":
+            cos, sin = complex_pe_angles(cfg.seq_len, cfg.d_model, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (T, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     @property
     def explicit(self) -> bool:
@@ -130,7 +201,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         H, Dh = self.n_heads, self.d_head
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
+        if self.pe == "complex":  # position t turns pair i of the token vector by t * theta_i, then W q/k
+            x_pos = apply_rope(x, self.rope_cos[:T], self.rope_sin[:T])  # (B, T, D) D/2 complex numbers
+            q, k = self.q_proj(x_pos), self.k_proj(x_pos)  # (B, T, D) each, complex as interleaved pairs
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)  # (B, T, D) each
+        v = self.v_proj(x)  # (B, T, D) real, without position
         if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
             q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
             k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
@@ -268,8 +344,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
     """Closed-form parameter count (tied embedding counted once); tests check it against the module."""
-    D, F_, L, Hn = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.qkv_nonlinear_hidden
+    D, F_, L, Hn, Dh = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.qkv_nonlinear_hidden, cfg.d_head
     per_layer = 4 * (D * D + D)  # q, k, v, out projections with biases
+    if cfg.pe == "complex":  # q and k: one real (D/2, D/2) weight each, no bias
+        per_layer += 2 * ((D // 2) ** 2 - (D * D + D))
     per_layer += D * F_ + F_ + F_ * D + D  # MLP
     per_layer += 2 * 2 * D  # two LayerNorms
     total = vocab_size * D + L * per_layer
@@ -277,9 +355,11 @@ def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
         total += cfg.seq_len * D
     if cfg.norm == "pre":
         total += 2 * D
-    mlp_params = D * Hn + Hn + Hn * cfg.d_head + cfg.d_head
+    # each non-linear head swaps its Dh rows of the linear map (weights and biases) for a GELU MLP
+    head_mlp = D * Hn + Hn + Hn * Dh + Dh
+    head_linear = Dh * D + Dh
     n_nonlinear = sum(len(_nonlinear_heads(cfg, layer)) for layer in range(L))
-    total += n_nonlinear * len(cfg.qkv_nonlinear_parts) * mlp_params
+    total += n_nonlinear * len(cfg.qkv_nonlinear_parts) * (head_mlp - head_linear)
     return total
 
 
