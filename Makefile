@@ -48,3 +48,11 @@ compare: venv  ## every PE variant + non-linear Q/K/V, x compare.seeds, as DVC e
 
 clean-venv:
 	rm -rf $(VENV)
+
+# `make sweep`: a grid of experiments run by DVC's queue with SWEEP_JOBS workers, each in its own workspace.
+SWEEP ?= --grid model.d_model=64,128
+SWEEP_JOBS ?= 2
+sweep: venv  ## queue the SWEEP grid, run it with SWEEP_JOBS workers -> reports/sweep.html
+	$(BIN)/python -m attnlab.compare --queue --prefix sweep $(SWEEP) $(if $(QUICK),$(QUICK_PARAMS))
+	dvc exp run --run-all -j $(SWEEP_JOBS)
+	$(BIN)/python -m attnlab.compare --prefix sweep --out reports/sweep.html --figure reports/figures/sweep_val_loss.png

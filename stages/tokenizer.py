@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help=f"output folder ({MODEL_FILE})")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    info = build_tokenizer(args.corpus, params.tokenizer, params.seed, args.out)
+    info = build_tokenizer(args.corpus, params.tokenizer, params.tokenizer.seed, args.out)
     print(
         f"tokenizer: {info['vocab_size']} pieces trained on {info['sample_mb']:.1f} MB of the train split, "
         f"{info['seconds']:.1f} s -> {args.out}/{MODEL_FILE}"

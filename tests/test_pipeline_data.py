@@ -66,9 +66,12 @@ def test_model_train_and_eval_params_leave_the_data_stages_alone(dvc_project):
 def test_corpus_and_tokenizer_params_make_their_stages_stale(dvc_project):
     with dvc_project.params_changed({"corpus": {"val_fraction": 0.2}, "tokenizer": {"vocab_size": 500}}):
         assert {"corpus", "tokenizer"} <= stale_stages(dvc_project)
-    with dvc_project.params_changed({"seed": 7}):  # the tokenizer's sample is seeded; the corpus split is not
+    with dvc_project.params_changed({"tokenizer": {"seed": 7}}):  # the tokenizer's sample has its own seed
         stale = stale_stages(dvc_project)
         assert "tokenizer" in stale and "corpus" not in stale
+    with dvc_project.params_changed({"seed": 7}):  # the global seed is training's: the data stays
+        stale = stale_stages(dvc_project)
+        assert not stale & set(DATA_STAGES) and "train" in stale
 
 
 def test_changing_corpus_params_reruns_all_three_stages(tmp_path, tiny_corpus):

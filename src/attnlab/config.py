@@ -66,6 +66,7 @@ class CorpusConfig:
 class TokenizerConfig:
     vocab_size: int = 8192  # SentencePiece BPE vocabulary, byte fallback included
     sample_mb: float = 8.0  # SentencePiece trains on a seeded sample of this many MB of the train split
+    seed: int = 0  # seeds that sample; its own seed, so varying the global `seed` keeps the tokenizer
 
     def validate(self) -> None:
         if not MIN_VOCAB <= self.vocab_size <= MAX_VOCAB:
@@ -75,6 +76,7 @@ class TokenizerConfig:
                 f"needs at least {MIN_VOCAB} pieces, and token files are uint16",
             )
         _positive("tokenizer.sample_mb", self.sample_mb)
+        _non_negative("tokenizer.seed", self.seed)
 
 
 @dataclass(frozen=True)
