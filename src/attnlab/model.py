@@ -232,7 +232,8 @@ class CausalSelfAttention(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) key <= query
         scores = scores.masked_fill(~causal, float("-inf"))
         scores = self.hook_scores(scores)  # (B, H, T, T)
-        pattern = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, H, T, T)
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 up to fp32; fp64 stays fp64
+        pattern = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)  # (B, H, T, T)
         pattern = self.hook_pattern(pattern)
         if dropout_p:
             pattern = F.dropout(pattern, p=dropout_p)
