@@ -51,11 +51,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     <rope(q, s), rope(k, t)> depends on s and t only through s - t.
     x: (..., T, dim); cos, sin: (T, dim/2). Returns the same shape and dtype as x.
     """
-    x_even, x_odd = x[..., 0::2], x[..., 1::2]  # (..., T, dim/2)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    rot_even = x_even * cos - x_odd * sin
-    rot_odd = x_even * sin + x_odd * cos
-    return torch.stack((rot_even, rot_odd), dim=-1).flatten(-2)  # (..., T, dim)
+    work = torch.promote_types(x.dtype, torch.float32)  # complex needs fp32/fp64: bf16 goes up, fp64 stays
+    z = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)))  # (..., T, dim/2) complex
+    turn = torch.complex(cos.to(work), sin.to(work))  # (T, dim/2) e^{j t theta_i}
+    return torch.view_as_real(z * turn).flatten(-2).to(x.dtype)  # (..., T, dim)
 
 
 # ------------------------------------------------------------------------------------------------- hooks
@@ -204,9 +203,9 @@ class CausalSelfAttention(nn.Module):
         if self.pe == "complex":  # position t turns pair i of the token vector by t * theta_i, then W q/k
             x_pos = apply_rope(x, self.rope_cos[:T], self.rope_sin[:T])  # (B, T, D) D/2 complex numbers
             q, k = self.q_proj(x_pos), self.k_proj(x_pos)  # (B, T, D) each, complex as interleaved pairs
+            v = self.v_proj(x)  # (B, T, D) real, without position
         else:
-            q, k = self.q_proj(x), self.k_proj(x)  # (B, T, D) each
-        v = self.v_proj(x)  # (B, T, D) real, without position
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
         if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
             q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
             k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
