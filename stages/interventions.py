@@ -9,9 +9,6 @@ import time
 
 from attnlab.cli import run_cli
 from attnlab.config import load_params
-from attnlab.interventions import run_interventions
-from attnlab.io import atomic_path, write_json, write_text
-from attnlab.plots_interventions import write_intervention_figures
 
 
 def main(argv: list[str]) -> None:
@@ -27,7 +24,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    params = load_params(args.params)
+    params = load_params(args.params)  # bad params fail here, before torch and matplotlib are imported
+    from attnlab.interventions import run_interventions
+    from attnlab.io import atomic_path, write_json, write_text
+    from attnlab.plots_interventions import write_intervention_figures
+
     run = run_interventions(params, args.model, args.tokens, args.tokenizer, args.device)
 
     write_json(args.metrics, run.metrics)

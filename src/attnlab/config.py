@@ -465,4 +465,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m attnlab.config` runs this file as __main__; call the imported module's main so that its
+    # ConfigError is the class attnlab.cli catches (here it would be __main__.ConfigError, a different class).
+    from attnlab.config import main as _main
+
+    sys.exit(_main())
