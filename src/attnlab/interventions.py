@@ -81,12 +81,16 @@ class TopK:
             raise ValueError(f"TopK.k must be an integer >= 1, got {self.k!r}")
 
     def edit_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        # scores: (B, h, T, T). A stable descending sort keeps equal scores in key order, so among ties the
-        # lowest key position ranks first. Masked keys (-inf) rank last and stay -inf whatever k is.
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (B, h, T, T) key per rank
-        ranks = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)  # (B, h, T, T)
-        rank_of_key = torch.empty_like(order).scatter_(-1, order, ranks)  # (B, h, T, T) rank per key
-        return scores.masked_fill(rank_of_key >= self.k, float("-inf"))  # (B, h, T, T)
+        # scores: (B, h, T, T), -inf where masked
+        if self.k >= scores.shape[-1]:
+            return scores  # every allowed key is among the k largest
+        kth = torch.topk(scores, self.k, dim=-1).values[..., -1:]  # (B, h, T, 1) the k-th largest score per row
+        above = scores > kth  # (B, h, T, T) kept whatever the ties
+        tied = scores == kth  # (B, h, T, T) candidates for the remaining places
+        places = self.k - above.sum(-1, keepdim=True)  # (B, h, T, 1) how many tied keys still fit
+        keep = above | (tied & (tied.cumsum(-1) <= places))  # ties go to the lowest key positions
+        # A row with fewer than k allowed keys has kth = -inf: it keeps all of them, masked keys stay -inf.
+        return scores.masked_fill(~keep, float("-inf"))  # (B, h, T, T)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compared (and grouped) by identity, tensors have no plain ==
@@ -140,6 +144,10 @@ def intervene(model: Transformer, edits: Mapping[HeadKey, Intervention]) -> Iter
 
 def _score_edit(groups: dict[ScoreIntervention, list[int]]):
     def edit(scores: torch.Tensor) -> torch.Tensor:
+        if len(groups) == 1:
+            (intervention, heads), = groups.items()
+            if sorted(heads) == list(range(scores.shape[1])):  # every head alike: no gather/scatter needed
+                return intervention.edit_scores(scores)  # (B, H, T, T)
         scores = scores.clone()  # (B, H, T, T)
         for intervention, heads in groups.items():  # one step per distinct intervention, not per head
             scores[:, heads] = intervention.edit_scores(scores[:, heads])  # (B, h, T, T)
@@ -167,7 +175,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), next-token targets (
 
 def entropy_bits(pattern: torch.Tensor) -> torch.Tensor:
     """Entropy of each attention row in bits, -sum_j p_j log2 p_j with 0 log 0 = 0. (..., T, T) -> (..., T)."""
-    return -torch.special.xlogy(pattern.double(), pattern.double()).sum(-1) / math.log(2.0)
+    return -torch.special.xlogy(pattern, pattern).sum(-1) / math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,7 @@ def evaluate(model: Transformer, batches: list[Batch], edits: Mapping[HeadKey, I
             loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
             n_tokens += targets.numel()
             for pattern in patterns.values():  # (B, H, T, T) per layer
-                entropy_sum += entropy_bits(pattern).sum()  # over (B, H, T)
+                entropy_sum += entropy_bits(pattern).sum(dtype=torch.float64)  # over (B, H, T)
                 n_rows += pattern.shape[:-1].numel()
     return EvalResult(loss=(loss_sum / n_tokens).item(), mean_entropy_bits=(entropy_sum / n_rows).item(), n_tokens=n_tokens)
 

@@ -74,6 +74,7 @@ def plot_temperature(table: pd.DataFrame) -> Figure:
             ax.set_xlabel("temperature tau (scores / tau, log scale)")
             ax.set_xticks(rows["tau"].tolist(), [f"{t:g}" for t in rows["tau"]])
             ax.minorticks_off()
+            ax.ticklabel_format(axis="y", useOffset=False)
             ax.legend()
         fig.tight_layout()
     return fig
@@ -89,6 +90,7 @@ def plot_top_k(table: pd.DataFrame) -> Figure:
         ax.set_xscale("log", base=2)
         ax.set_xticks(rows["k"].tolist(), [str(k) for k in rows["k"]])
         ax.minorticks_off()
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set(
             xlabel="k, keys kept per query (log2 scale)",
             ylabel="validation loss (nats/token)",
@@ -109,7 +111,7 @@ def plot_head_importance(table: pd.DataFrame) -> Figure:
         sns.heatmap(
             grid.astype(float),
             annot=True,
-            fmt="+.3f",
+            fmt="+.3g",  # 3 significant digits: tiny and large increases both readable
             cmap="vlag",
             center=0.0,
             cbar_kws={"label": "loss increase (nats/token)"},
