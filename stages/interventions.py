@@ -37,9 +37,10 @@ def main(argv: list[str]) -> None:
     write_intervention_figures(run.table, args.figures)
     write_text(args.samples, run.samples_md)
     base, uniform = run.metrics["baseline"], run.metrics["uniform_all"]
+    seconds = time.perf_counter() - start
     print(
         f"interventions: {len(run.table)} rows x {run.n_eval_tokens:,} val tokens, baseline loss "
-        f"{base['loss']:.3f} -> all-uniform {uniform['loss']:.3f} nats/token, {time.perf_counter() - start:.1f} s -> {args.metrics}"
+        f"{base['loss']:.3f} -> all-uniform {uniform['loss']:.3f} nats/token, {seconds:.1f} s -> {args.metrics}"
     )
 
 

@@ -23,6 +23,8 @@ from attnlab.interventions import MeanAblate, evaluate, head_means, make_batches
 from attnlab.plots_interventions import INTERVENTION_FIGURES, write_intervention_figures
 from interv_helpers import train_sentencepiece, training_text, write_model, write_tokens
 
+pytestmark = pytest.mark.xdist_group("interventions_stage")  # one worker builds the tmp folder and runs the stage once
+
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "stages" / "interventions.py"
 SEQ_LEN, N_LAYERS, N_HEADS = 24, 2, 4

@@ -190,7 +190,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[Batch], edits: Mapping[HeadKey, Intervention] | None = None) -> EvalResult:
+def evaluate(
+    model: Transformer, batches: list[Batch], edits: Mapping[HeadKey, Intervention] | None = None
+) -> EvalResult:
     """The one evaluation loop: loss and mean attention entropy over fixed batches, on the explicit path.
 
     The attention weights are captured in the same forward pass that gives the loss.
@@ -207,7 +209,8 @@ def evaluate(model: Transformer, batches: list[Batch], edits: Mapping[HeadKey, I
             for pattern in patterns.values():  # (B, H, T, T) per layer
                 entropy_sum += entropy_bits(pattern).sum(dtype=torch.float64)  # over (B, H, T)
                 n_rows += pattern.shape[:-1].numel()
-    return EvalResult(loss=(loss_sum / n_tokens).item(), mean_entropy_bits=(entropy_sum / n_rows).item(), n_tokens=n_tokens)
+    loss, mean_entropy = (loss_sum / n_tokens).item(), (entropy_sum / n_rows).item()
+    return EvalResult(loss=loss, mean_entropy_bits=mean_entropy, n_tokens=n_tokens)
 
 
 @torch.no_grad()
@@ -257,7 +260,8 @@ def sweep_rows(n_layers: int, n_heads: int, temperatures, top_k, means: torch.Te
     heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
     rows = [Row("baseline", ""), Row("uniform_all", "", edits={key: Uniform() for key in heads})]
     for layer in range(n_layers):
-        rows.append(Row("uniform_layer", str(layer), layer=layer, edits={(layer, h): Uniform() for h in range(n_heads)}))
+        layer_heads = {(layer, head): Uniform() for head in range(n_heads)}
+        rows.append(Row("uniform_layer", str(layer), layer=layer, edits=layer_heads))
     for tau in dict.fromkeys(float(t) for t in temperatures):  # ordered, without repeats
         rows.append(Row("temperature", str(tau), edits={key: Temperature(tau) for key in heads}))
     for k in dict.fromkeys(int(k) for k in top_k):
@@ -370,7 +374,8 @@ def run_interventions(
     for split, batches in (("val", val_batches), ("train", mean_batches)):
         top = max(int(torch.maximum(x.max(), y.max())) for x, y in batches)
         if top >= model.vocab_size:
-            raise ConfigError(str(Path(tokens_dir) / f"{split}.bin"), f"token id {top} >= the model's vocabulary {model.vocab_size}")
+            path = str(Path(tokens_dir) / f"{split}.bin")
+            raise ConfigError(path, f"token id {top} >= the model's vocabulary {model.vocab_size}")
 
     means = head_means(model, mean_batches)  # (L, H, Dh), from the train split only
     rows = sweep_rows(model.cfg.n_layers, model.cfg.n_heads, cfg.temperatures, cfg.top_k, means)

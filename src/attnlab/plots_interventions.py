@@ -26,7 +26,8 @@ INTERVENTION_FIGURES = [
     (
         "intervention_temperature.png",
         "Validation loss and mean attention entropy when every head's scores are divided by tau: how far from "
-        "tau = 1 (the trained model) can attention be sharpened (tau < 1) or flattened (tau > 1) before the loss rises?",
+        "tau = 1 (the trained model) can attention be sharpened (tau < 1) or flattened (tau > 1) before the loss "
+        "rises?",
     ),
     (
         "intervention_top_k.png",
