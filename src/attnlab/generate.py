@@ -1,43 +1,82 @@
-"""Sampling text from a trained model (no KV cache: the models are small and samples short)."""
+"""Sampling text from the model: seeded, with temperature and top-k, the context cropped to model.seq_len.
+
+    text = generate(model, sp, "def forward(self, x):\n", n_tokens=80, temperature=0.8, top_k=50, seed=1337)
+
+Runs whatever hooks are on the model, so it samples under an intervention when called inside
+``attnlab.interventions.intervene``. No KV cache: each new token is one forward pass over the last
+seq_len tokens, which keeps the code obviously equal to the model's forward.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from attnlab.config import ConfigError
 from attnlab.model import Transformer
 
 
+def next_token_distribution(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Probabilities of the next token from the last logits (V,): softmax(logits / temperature) over the top_k
+    largest logits (ties with the k-th are kept; top_k = 0 or >= V keeps them all). Returns (V,) float32."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature  # (V,)
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]  # the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)  # (V,)
+
+
 @torch.no_grad()
-def generate_ids(
-    model: Transformer, prompt_ids: list[int], n_tokens: int, temperature: float = 1.0, top_k: int = 0,
-    seed: int = 0, stop_id: int | None = None,
+def sample_ids(
+    model: Transformer,
+    prompt_ids: list[int],
+    n_tokens: int,
+    temperature: float,
+    top_k: int,
+    generator: torch.Generator,
+    stop_id: int | None = None,
 ) -> list[int]:
-    """Append n_tokens sampled ids to prompt_ids; the context is cropped to the model's seq_len."""
+    """n_tokens new ids after prompt_ids (fewer if stop_id is sampled; it is included)."""
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: the model needs at least one token to condition on")
     device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = list(prompt_ids) or [stop_id if stop_id is not None else 0]
-    model.eval()
+    seq_len = model.cfg.seq_len
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)  # (P,)
+    new: list[int] = []
     for _ in range(n_tokens):
-        context = torch.tensor([ids[-model.cfg.seq_len :]], device=device)  # (1, T)
-        logits = model(context)[0, -1].float().cpu()  # (V,)
-        if temperature <= 0:
-            next_id = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k and top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        if stop_id is not None and next_id == stop_id:
+        context = ids[-seq_len:]  # (<= seq_len,) the window the model can see
+        logits = model(context[None])[0, -1]  # (V,) logits of the next token
+        probs = next_token_distribution(logits, temperature, top_k)  # (V,)
+        token = torch.multinomial(probs, 1, generator=generator)  # (1,)
+        ids = torch.cat([ids, token])
+        new.append(int(token))
+        if stop_id is not None and new[-1] == stop_id:
             break
-        ids.append(next_id)
-    return ids
+    return new
 
 
 def generate(
-    model: Transformer, processor, prompt: str, n_tokens: int, temperature: float = 1.0, top_k: int = 0,
-    seed: int = 0,
+    model: Transformer,
+    tokenizer_processor,
+    prompt: str,
+    n_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    stop_at_eos: bool = False,
 ) -> str:
-    """Prompt text in, prompt + continuation text out. processor: a sentencepiece.SentencePieceProcessor."""
-    ids = generate_ids(model, processor.encode(prompt), n_tokens, temperature, top_k, seed, processor.eos_id())
-    return processor.decode(ids)
+    """The prompt and n_tokens sampled tokens, decoded. tokenizer_processor: a SentencePieceProcessor.
+
+    Sampling draws from a torch.Generator seeded with `seed`, so the same model, prompt and seed give the
+    same text; the context is cropped to the model's seq_len.
+    """
+    prompt_ids = list(tokenizer_processor.encode(prompt))
+    if not prompt_ids:
+        raise ConfigError("eval.prompts", f"{prompt!r} encodes to no tokens; use a non-empty prompt")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos = tokenizer_processor.eos_id()
+    stop_id = eos if stop_at_eos and eos >= 0 else None
+    new = sample_ids(model, prompt_ids, n_tokens, temperature, top_k, generator, stop_id)
+    return tokenizer_processor.decode(prompt_ids + new)
