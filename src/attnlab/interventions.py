@@ -364,9 +364,9 @@ def run_interventions(
     check_length(val, T, "val")
     check_length(train, T, "train")
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    if sp.get_piece_size() != model.vocab_size:  # the tokenizer the model was not trained with
+    if sp.get_piece_size() > model.vocab_size:  # not the tokenizer the model was trained with
         raise ConfigError(
-            str(tokenizer_path), f"has {sp.get_piece_size()} pieces but the model's vocabulary is {model.vocab_size}"
+            str(tokenizer_path), f"has {sp.get_piece_size()} pieces, more than the model's vocabulary {model.vocab_size}"
         )
 
     val_batches = make_batches(val, eval_starts(len(val), T, cfg.n_eval_tokens), T, cfg.batch_size, dev)
