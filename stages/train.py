@@ -14,7 +14,8 @@ import pandas as pd
 from attnlab.cli import run_cli
 from attnlab.config import load_params
 from attnlab.plots_train import loss_curve, save_figure
-from attnlab.train import TrainPaths, check_world, dist_from_env, pick_device, train
+from attnlab.device import pick_device
+from attnlab.train import TrainPaths, check_world, dist_from_env, train
 
 
 def main(argv: list[str]) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from attnlab.config import ConfigError, Params, TrainConfig, load_params
-from attnlab.train import Budget, lr_at, make_budget, pick_device
+from attnlab.device import pick_device
+from attnlab.train import Budget, lr_at, make_budget
 from helpers import TINY_TRAIN_PARAMS, run_stage, write_params, write_tokens
 
 

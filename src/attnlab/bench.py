@@ -37,6 +37,7 @@ from attnlab.capture import explicit_attention
 from attnlab.cli import run_cli
 from attnlab.config import ConfigError, ModelConfig, TrainConfig
 from attnlab.data import batch_starts, check_length, load_meta, load_tokens, windows
+from attnlab.device import pick_device
 from attnlab.io import write_json
 from attnlab.model import Transformer, count_parameters, flops_per_token, lm_loss
 
@@ -78,20 +79,6 @@ class BenchSetup:
 
 
 Section = Callable[[BenchSetup, dict], dict]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device", f"{name} requested but CUDA is not available here")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device", "mps requested but Apple MPS is not available here")
-    return torch.device(name)
 
 
 def device_name(device: torch.device) -> str:

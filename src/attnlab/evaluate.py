@@ -11,7 +11,8 @@ from attnlab.checkpoint import load_model
 from attnlab.config import ConfigError, Params
 from attnlab.data import check_length, load_meta, load_tokens
 from attnlab.generate import generate
-from attnlab.train import evaluate_loss, pick_device
+from attnlab.device import pick_device
+from attnlab.train import evaluate_loss
 
 
 def load_processor(tokenizer_dir: str | Path) -> spm.SentencePieceProcessor:

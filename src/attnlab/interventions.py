@@ -329,16 +329,6 @@ class InterventionRun:
     seconds: float
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def run_interventions(
     params: Params, model_path: str | Path, tokens_dir: str | Path, tokenizer_path: str | Path, device: str = "auto"
 ) -> InterventionRun:
@@ -346,6 +336,7 @@ def run_interventions(
     import sentencepiece as spm
 
     from attnlab.checkpoint import load_model
+    from attnlab.device import pick_device
     from attnlab.data import check_length, eval_starts, load_tokens
 
     start = time.perf_counter()

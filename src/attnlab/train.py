@@ -29,6 +29,7 @@ from tqdm import tqdm
 from attnlab.checkpoint import save_model, unwrap
 from attnlab.config import AttnlabError, ConfigError, Params, TrainConfig
 from attnlab.data import batch_starts, check_length, eval_starts, load_meta, load_tokens, rank_slice, windows
+from attnlab.device import pick_device
 from attnlab.io import atomic_path, write_json
 from attnlab.model import Transformer, count_parameters, flops_per_token, lm_loss
 
@@ -61,25 +62,6 @@ def dist_from_env() -> Dist:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
     )
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto: CUDA, then Apple MPS, then CPU. An explicit device that is not available is a ConfigError."""
-    mps_ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("mps") if mps_ok else torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device", f"{name!r} asked for, but CUDA is not available on this machine")
-        index = int(name.split(":")[1]) if ":" in name else local_rank
-        if index >= torch.cuda.device_count():
-            raise ConfigError("train.device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return torch.device("cuda", index)
-    if name == "mps" and not mps_ok:
-        raise ConfigError("train.device", "'mps' asked for, but Apple MPS is not available on this machine")
-    return torch.device(name)
 
 
 def check_world(cfg: TrainConfig, device: torch.device, nproc_per_node: int, world_size: int) -> str:
