@@ -34,14 +34,12 @@ from attnlab.config import ConfigError, Params
 from attnlab.data import SPLITS, check_length, example_starts, load_tokens
 from attnlab.io import atomic_path
 from attnlab.model import Transformer
+from attnlab.stats_io import EXAMPLES_FILE, PATTERNS_FILE, STATS_FILE
 
 STAT_NAMES = ("entropy_bits", "support", "normalized_support", "max_weight", "mean_distance", "weight_on_first")
 METRIC_NAMES = ("entropy_bits", "support", "normalized_support")  # reported as mean_<name> per split
 SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())  # pandas category
 
-STATS_FILE = "stats.parquet"
-PATTERNS_FILE = "mean_patterns.npy"
-EXAMPLES_FILE = "examples.npz"
 
 
 # --------------------------------------------------------------------------------------- row statistics
@@ -258,17 +256,3 @@ def attention_stats(params: Params, model_path: str | Path, tokens_dir: str | Pa
         "n_layers": model.cfg.n_layers,
         "n_heads": model.cfg.n_heads,
     }
-
-
-def load_stats(attention_dir: str | Path) -> "pd.DataFrame":  # noqa: F821
-    path = Path(attention_dir) / STATS_FILE
-    if not path.exists():
-        raise ConfigError(str(path), "attention statistics not found: run the attention_stats stage first")
-    return pq.read_table(path).to_pandas()
-
-
-def load_mean_patterns(attention_dir: str | Path) -> np.ndarray:
-    path = Path(attention_dir) / PATTERNS_FILE
-    if not path.exists():
-        raise ConfigError(str(path), "mean attention patterns not found: run the attention_stats stage first")
-    return np.load(path)
