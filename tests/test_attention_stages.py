@@ -246,3 +246,20 @@ def test_unknown_figure_name_is_config_error(project, tmp_path):
     args[-1] = str(tmp_path / "nope.png")
     result = run_stage("figure.py", *args, cwd=project)
     assert result.returncode == 2 and result.stderr.startswith("error: --name:")
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def test_report_page_embeds_every_figure(project, figures):
+    result = run_stage("report.py", "--reports", "reports", "--out", "reports/index.html", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stdout and "samples.md" in result.stdout  # train/eval outputs absent here
+    page = (project / "reports" / "index.html").read_text()
+    for name in FIGURES:
+        assert name in page
+    assert page.count("data:image/png;base64,") == sum(n.endswith(".png") for n in FIGURES)
+    assert "<iframe" in page and "srcdoc=" in page  # the token view, embedded
+    assert "mean_normalized_support" in page  # attention metrics table
+    assert "not produced in this run" in page  # missing inputs are noted, not fatal
+    assert 'src="http' not in page and 'href="http' not in page
