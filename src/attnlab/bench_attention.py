@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -65,19 +66,25 @@ def loop_reference_entropy(model: Transformer, batch: torch.Tensor) -> torch.Ten
     return out
 
 
-def _timed(fn, repeats: int = 1) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
+def _best_times(fns: list, repeats: int) -> list[float]:
+    """Best-of-`repeats` seconds of each function, runs interleaved so they share the machine's conditions."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [math.inf] * len(fns)
     for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def attention_section(
     shape: dict | None = None,
     vocab_size: int = 8192,
     batch_size: int = 8,
-    n_batches: int = 4,
+    n_batches: int = 2,
+    repeats: int = 3,
     loop_batches: int = 1,
     memory_n_examples: tuple[int, int] = (16, 64),
     device: str = "cpu",
@@ -102,8 +109,7 @@ def attention_section(
         kept.clear()
         stream_attention_stats(model, {"val": examples}, batch_size, kept.append)
 
-    forward_s = _timed(forward)
-    analysis_s = _timed(analysis)
+    forward_s, analysis_s = _best_times([forward, analysis], repeats)
     streamed = np.concatenate([t.column("entropy_bits").to_numpy() for t in kept])  # rows (N, L, H, T) order
 
     loop_examples = batches[:loop_batches]
@@ -120,6 +126,7 @@ def attention_section(
         "shape": {**shape, "vocab_size": vocab_size, "batch_size": batch_size},
         "threads": torch.get_num_threads(),
         "tokens": n_tokens,
+        "repeats": repeats,
         "plain_forward_tok_s": round(n_tokens / forward_s, 1),
         "analysis_tok_s": round(n_tokens / analysis_s, 1),
         "analysis_vs_forward": round(analysis_s / forward_s, 3),  # cost of the analysis in forward passes
@@ -186,13 +193,14 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--n-batches", type=int, default=4)
+    parser.add_argument("--n-batches", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         print(json.dumps(_memory_child(json.loads(args.memory_child))))
         return
-    section = attention_section(n_batches=args.n_batches, device=args.device)
+    section = attention_section(n_batches=args.n_batches, repeats=args.repeats, device=args.device)
     merge_into(args.out, section)
     width = max(map(len, section))
     for key, value in section.items():
