@@ -57,3 +57,51 @@ def test_a_non_default_pe_variant_runs_end_to_end_as_an_experiment(dvc_project):
     table = json.loads(dvc_project.dvc("exp", "show", "--json").stdout)
     names = [exp.get("name") for row in table for exp in (row.get("experiments") or [])]
     assert "complex-pe" in names
+
+
+ATTENTION_FIGURES = ("attn_weights_support", "attn_support_hist_all", "attn_support_vs_seq_len",
+                     "attn_support_hist_by_block_head_w_seq_len_filter", "attn_entropy_heatmap",
+                     "attn_head_diversity", "attn_mean_patterns")
+
+
+def test_attention_stats_parquet_has_the_schema_and_bounds(dvc_project):
+    import numpy as np
+    import pandas as pd
+
+    stats = pd.read_parquet(dvc_project.path / "data/attention/stats.parquet")
+    expected = {"split", "example", "layer", "head", "position", "entropy_bits", "support", "normalized_support",
+                "max_weight", "mean_distance", "weight_on_first"}
+    assert expected <= set(stats.columns)
+    assert set(stats["split"].astype(str)) == {"train", "val"}
+    n_examples, layers, heads, seq_len = 4, 2, 2, 64  # TINY_PARAMS
+    assert len(stats) == 2 * n_examples * layers * heads * seq_len
+    assert stats["layer"].dtype.itemsize <= 2 and stats["position"].dtype.itemsize <= 2
+    bound = np.log2(stats["position"].to_numpy() + 1.0)
+    assert (stats["entropy_bits"] >= -1e-6).all() and (stats["entropy_bits"] <= bound + 1e-5).all()
+    assert np.allclose(stats["support"], 2.0 ** stats["entropy_bits"], rtol=1e-5)
+    metrics = json.loads((dvc_project.path / "reports/attention.json").read_text())
+    for split in ("train", "val"):
+        assert {"mean_entropy_bits", "mean_support", "mean_normalized_support"} <= set(metrics[split])
+
+
+def test_every_attention_figure_and_the_token_view_exist(dvc_project):
+    figures = dvc_project.path / "reports/figures"
+    for name in ATTENTION_FIGURES:
+        assert_png(figures / f"{name}.png")
+    page = (figures / "attn_tokens.html").read_text()
+    assert page.lstrip().lower().startswith("<!doctype html>") and "http://" not in page and "https://" not in page
+
+
+def test_a_figure_only_param_reruns_only_that_figure(dvc_project):
+    with dvc_project.params_changed({"attention": {"seq_len_filter": [8, 24]}}):
+        stale = stale_stages(dvc_project)
+    assert stale == {"figure_support_hist_by_head"} or stale == {"figure_support_hist_by_head", "report"}
+
+
+def test_the_report_page_is_self_contained_and_shows_every_figure(dvc_project):
+    page = (dvc_project.path / "reports/index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 1 + len(ATTENTION_FIGURES) + 4 + 3
+    assert "src=\"http" not in page and "href=\"http" not in page
+    assert "not produced in this run" not in page
+    for heading in ("Metrics", "Training", "Attention", "Interventions", "Positional encoding", "Samples"):
+        assert f"<h2>{heading}</h2>" in page

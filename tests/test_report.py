@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
-from attnlab.report import FIGURES, FigureEntry, build_report, flatten, markdown_lite
+from attnlab.report import FIGURES, METRICS, SAMPLES, FigureEntry, build_report, flatten, markdown_lite
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -15,7 +15,7 @@ PNG = base64.b64decode(
 def test_empty_reports_folder_gives_a_page_of_notes(tmp_path):
     page = build_report(tmp_path)
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert page.count("not produced in this run") == len(FIGURES) + 4 + 1  # figures, 4 metrics files, samples
+    assert page.count("not produced in this run") == len(FIGURES) + len(METRICS) + len(SAMPLES)
 
 
 def test_figures_metrics_and_samples_are_embedded_and_escaped(tmp_path):

@@ -17,6 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from attnlab.plots_interventions import INTERVENTION_FIGURES
+from attnlab.plots_pe import PE_FIGURES
+
 
 @dataclass(frozen=True)
 class FigureEntry:
@@ -81,14 +84,18 @@ FIGURES: list[FigureEntry] = [
     ),
 ]
 
+FIGURES += [FigureEntry(f"figures/{name}", caption, "Interventions") for name, caption in INTERVENTION_FIGURES]
+FIGURES += [FigureEntry(f"figures/{name}", caption, "Positional encoding") for name, caption in PE_FIGURES]
+
 METRICS: list[tuple[str, str]] = [  # (title, file relative to the reports folder)
     ("Training", "train.json"),
     ("Evaluation", "eval.json"),
     ("Attention", "attention.json"),
     ("Interventions", "interventions.json"),
+    ("Position probe", "position_probe.json"),
 ]
 
-SAMPLES = "samples.md"
+SAMPLES = ["samples.md", "intervention_samples.md"]  # markdown files shown at the end, in this order
 
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -220,16 +227,17 @@ def build_report(reports: str | Path, figures: list[FigureEntry] | None = None) 
             parts.append(f"<h2>{html.escape(section)}</h2>")
             parts += [figure_html(reports, e) for e in entries]
     parts.append("<h2>Samples</h2>")
-    samples = reports / SAMPLES
-    if samples.exists():
-        parts.append(markdown_lite(samples.read_text(encoding="utf-8")))
-    else:
-        parts.append(f'<p class="missing">{SAMPLES} not produced in this run.</p>')
+    for name in SAMPLES:
+        samples = reports / name
+        if samples.exists():
+            parts.append(markdown_lite(samples.read_text(encoding="utf-8")))
+        else:
+            parts.append(f'<p class="missing">{name} not produced in this run.</p>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
 def missing_inputs(reports: str | Path, figures: list[FigureEntry] | None = None) -> list[str]:
     reports = Path(reports)
-    names = [e.file for e in (FIGURES if figures is None else figures)] + [n for _, n in METRICS] + [SAMPLES]
+    names = [e.file for e in (FIGURES if figures is None else figures)] + [n for _, n in METRICS] + SAMPLES
     return [n for n in names if not (reports / n).exists()]
