@@ -50,15 +50,6 @@ def test_position_analysis_and_pe_heatmap_figures(dvc_project):
     assert probe, "the probe writes its held-out R^2 per layer"
 
 
-def test_a_non_default_pe_variant_runs_end_to_end_as_an_experiment(dvc_project):
-    result = dvc_project.dvc("exp", "run", "--temp", "-n", "complex-pe", "-S", "model.pe=complex")
-    assert "Running stage 'train'" in result.stdout
-    assert "Stage 'tokenize' didn't change, skipping" in result.stdout
-    table = json.loads(dvc_project.dvc("exp", "show", "--json").stdout)
-    names = [exp.get("name") for row in table for exp in (row.get("experiments") or [])]
-    assert "complex-pe" in names
-
-
 ATTENTION_FIGURES = ("attn_weights_support", "attn_support_hist_all", "attn_support_vs_seq_len",
                      "attn_support_hist_by_block_head_w_seq_len_filter", "attn_entropy_heatmap",
                      "attn_head_diversity", "attn_mean_patterns")

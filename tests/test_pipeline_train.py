@@ -35,13 +35,19 @@ def test_repro_trains_evaluates_and_reports_every_metric(dvc_project):
 
 
 def test_an_experiment_on_model_params_reruns_train_onwards_but_not_the_data_stages(dvc_project):
-    result = dvc_project.dvc("exp", "run", "--temp", "-S", "model.d_model=48", "-S", "model.n_heads=4")
+    """Also the end-to-end run of a non-default PE variant (the study's complex-valued sketch)."""
+    result = dvc_project.dvc("exp", "run", "--temp", "-n", "complex-pe", "-S", "model.d_model=48",
+                             "-S", "model.n_heads=4", "-S", "model.pe=complex")
     for stage in DATA_STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in result.stdout
-    assert "Running stage 'train'" in result.stdout
-    assert "Running stage 'evaluate'" in result.stdout
+    for stage in ("train", "evaluate", "attention_stats", "interventions", "position_analysis", "report"):
+        assert f"Running stage '{stage}'" in result.stdout, stage
     table = json.loads(dvc_project.dvc("exp", "show", "--json").stdout)
-    assert any(exp.get("experiments") for exp in table), "the experiment is listed by dvc exp show"
+    experiments = [exp for row in table for exp in (row.get("experiments") or [])]
+    assert "complex-pe" in [exp.get("name") for exp in experiments]
+    [ours] = [exp for exp in experiments if exp.get("name") == "complex-pe"]
+    metrics = ours["revs"][0]["data"]["metrics"]["reports/eval.json"]["data"]
+    assert metrics["val_loss"] > 0
 
 
 def test_branches_with_different_params_show_a_val_loss_change_in_metrics_diff(dvc_project):
