@@ -86,7 +86,7 @@ def attention_section(
     n_batches: int = 2,
     repeats: int = 3,
     loop_batches: int = 1,
-    memory_n_examples: tuple[int, int] = (16, 64),
+    memory_n_examples: tuple[int, int] = (32, 128),
     device: str = "cpu",
     seed: int = 0,
 ) -> dict:

@@ -144,7 +144,6 @@ def stream_attention_stats(
     Each batch's rows (ordered split, example, layer, head, position, whatever the batch size) go to
     sink(arrow table). Only one batch's attention weights are alive at a time.
     """
-    fix_mmap_threshold()
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
     T = next(iter(examples.values())).shape[1]
@@ -155,6 +154,7 @@ def stream_attention_stats(
     pattern_sums = torch.zeros(L, H, T, T, dtype=torch.float64, device=device)
     grid = _grid(L, H, T)  # layer, head, position of one example's rows, (L*H*T,) each
     n_batches = sum(math.ceil(len(ex) / batch_size) for ex in examples.values())
+    n_done = 0
     bar = tqdm(total=n_batches, desc="attention stats", unit="batch", disable=not progress)
     for split_code, (split, idx) in enumerate(examples.items()):
         sums = {name: 0.0 for name in STAT_NAMES}
@@ -188,6 +188,10 @@ def stream_attention_stats(
                 }
             ).cast(schema)
             sink(table)
+            del table, columns, stats, per_layer
+            n_done += 1
+            if n_done % TRIM_EVERY == 0:
+                release_freed_memory()
             summary.n_rows += n
             summary.n_patterns += B
             bar.update(1)
@@ -198,19 +202,21 @@ def stream_attention_stats(
     return summary
 
 
-def fix_mmap_threshold(threshold_bytes: int = 1 << 20) -> bool:
-    """Keep glibc serving large blocks (each batch's (B, H, T, T) weights) with mmap, returned to the OS on free.
+TRIM_EVERY = 8  # batches between returns of freed heap memory to the OS
 
-    By default glibc raises its mmap threshold after the first large free, then carves later large blocks out
-    of the heap, where the parquet writer's small allocations pin them: the process then grows with every
-    batch written (measured: +20 MB per 64 examples at seq_len 256). A fixed threshold keeps peak memory flat
-    in n_examples. No-op (returns False) off glibc.
+
+def release_freed_memory() -> bool:
+    """Hand freed heap pages back to the OS (glibc malloc_trim); no-op, returning False, elsewhere.
+
+    Each batch frees tens of MB of attention tensors, while the parquet writer keeps small allocations (row
+    group metadata) alive between them; glibc then cannot shrink its heap and the process grows with every
+    batch written (measured: about +20 MB per 64 examples at seq_len 256). Trimming every TRIM_EVERY batches
+    keeps peak memory flat in n_examples, at the cost of re-faulting those pages once per TRIM_EVERY batches.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold_bytes))  # -3 = M_MMAP_THRESHOLD
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
 
