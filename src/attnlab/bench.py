@@ -352,12 +352,24 @@ def bf16_loss(setup: BenchSetup, results: dict) -> dict:
     }
 
 
+def attention_analysis(setup: BenchSetup, results: dict) -> dict:
+    """The attention_stats analysis (capture + statistics) against a plain forward and the loop formulation."""
+    from attnlab.bench_attention import attention_section
+
+    cfg = setup.cfg
+    shape = dict(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff, seq_len=cfg.seq_len)
+    rows = attention_section(shape=shape, vocab_size=setup.vocab_size, batch_size=setup.batch_size,
+                             device=setup.device.type, seed=setup.seed)
+    return {key: value for key, value in rows.items() if key not in ("device", "shape", "threads")}
+
+
 SECTIONS: list[tuple[str, Section]] = [
     ("train_fp32", train_fp32),
     ("train_bf16", train_bf16),
     ("attention_paths", attention_paths),
     ("mfu", mfu),
     ("bf16_loss", bf16_loss),
+    ("attention_analysis", attention_analysis),
 ]
 
 
@@ -407,6 +419,12 @@ TABLE = [  # (key, label, format)
     ("bf16_loss_gap", "  bf16 - fp32", "{:+.4f}"),
     ("seed_loss_gap", "  |seed 2 - seed 1| (noise)", "{:.4f}"),
     ("bf16_within_noise", "  bf16 within noise", "{}"),
+    ("plain_forward_tok_s", "forward tok/s, fused, no capture", "{:,.0f}"),
+    ("analysis_tok_s", "attention analysis tok/s (capture + stats)", "{:,.0f}"),
+    ("analysis_vs_forward", "  analysis cost / forward (goal <= 1.5)", "{:.2f}x"),
+    ("loop_reference_tok_s", "original loop formulation tok/s", "{:,.0f}"),
+    ("loop_reference_matches", "  loop gives the same numbers", "{}"),
+    ("peak_memory_grows_with_n_examples", "peak memory grows with n_examples", "{}"),
 ]
 
 
