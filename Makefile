@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # The quick profile: a few MB of corpus, a tiny model, a short budget — the whole pipeline in minutes on a CPU.
 QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sample_mb=2 \
 	-S model.d_model=128 -S model.n_layers=2 -S model.n_heads=4 -S model.d_ff=256 -S model.seq_len=128 \
-	-S train.max_tokens=600000 -S train.batch_size=16 -S train.lr=0.003 -S train.eval_tokens=16384 \
+	-S train.max_tokens=2000000 -S train.batch_size=16 -S train.lr=0.003 -S train.eval_tokens=16384 \
 	-S eval.max_tokens=65536 -S eval.sample_tokens=80 \
 	-S attention.n_examples=16 -S 'attention.seq_len_filter=[32,64]' \
 	-S interventions.n_eval_tokens=16384 -S interventions.mean_tokens=16384 -S interventions.sample_tokens=60 \

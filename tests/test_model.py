@@ -156,7 +156,7 @@ def test_rope_scores_depend_only_on_relative_position(pe):
         for offset in range(T):
             diagonal = torch.diagonal(scores[head], offset=-offset)  # scores[i, i - offset]
             torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal), atol=1e-5, rtol=1e-5)
-    assert scores[0, T - 1, :].std() > 1e-4  # not flat: position does change the scores (the fastest head)
+    assert scores[0, T - 1, :].std() > 1e-5  # not flat: position does change the scores (the fastest head)
 
 
 def test_rope_scores_shift_invariant_for_periodic_tokens():

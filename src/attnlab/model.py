@@ -305,7 +305,6 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        D = self.cfg.d_model
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -315,7 +314,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))  # GPT-2 residual scaling
             else:
                 nn.init.normal_(p, std=0.02)
-        nn.init.normal_(self.tok_emb.weight, std=D**-0.5)  # times sqrt(D) in forward: unit-scale embeddings
+        # std 0.02 as GPT-2: through the tied head a unit-norm residual still holding its own token's embedding
+        # predicts that token with logit |e| * sqrt(D); at std D^-0.5 that is sqrt(D) and post-norm models stall
+        # at the unigram loss, at 0.02 it is ~0.02 * D.
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
 
     @property
     def attention_layers(self) -> list[CausalSelfAttention]:
@@ -334,7 +336,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x)  # (B, T, D)
         x = self.ln_f(x)
-        return x @ self.tok_emb.weight.t()  # (B, T, V)
+        return x @ self.tok_emb.weight.t()  # (B, T, V) tied head
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
