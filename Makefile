@@ -41,18 +41,21 @@ bench: venv  ## throughput figures, written to reports/bench.json
 
 # Experiments run side by side by `make compare` (each trains its own model; 1 suits a CPU or a single GPU).
 JOBS ?= 1
+COMPARE_THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || sysctl -n hw.ncpu) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
 compare: venv  ## every PE variant + non-linear Q/K/V, x compare.seeds, as DVC experiments -> reports/compare.html
 	$(BIN)/python -m attnlab.compare --queue $(if $(QUICK),$(QUICK_PARAMS))
-	dvc exp run --run-all -j $(JOBS)
+	OMP_NUM_THREADS=$(COMPARE_THREADS) dvc exp run --run-all -j $(JOBS)
 	$(BIN)/python -m attnlab.compare --out reports/compare.html --figure reports/figures/compare_val_loss.png
 
 clean-venv:
 	rm -rf $(VENV)
 
 # `make sweep`: a grid of experiments run by DVC's queue with SWEEP_JOBS workers, each in its own workspace.
+# The workers share the CPU cores: each gets cores / SWEEP_JOBS threads (oversubscribed, they slow to a crawl).
 SWEEP ?= --grid model.d_model=64,128
 SWEEP_JOBS ?= 2
+SWEEP_THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || sysctl -n hw.ncpu) / $(SWEEP_JOBS) )); echo $$(( n > 0 ? n : 1 )))
 sweep: venv  ## queue the SWEEP grid, run it with SWEEP_JOBS workers -> reports/sweep.html
 	$(BIN)/python -m attnlab.compare --queue --prefix sweep $(SWEEP) $(if $(QUICK),$(QUICK_PARAMS))
-	dvc exp run --run-all -j $(SWEEP_JOBS)
+	OMP_NUM_THREADS=$(SWEEP_THREADS) dvc exp run --run-all -j $(SWEEP_JOBS)
 	$(BIN)/python -m attnlab.compare --prefix sweep --out reports/sweep.html --figure reports/figures/sweep_val_loss.png
