@@ -128,7 +128,7 @@ def tiny_params(corpus_dir: str | Path, **sections) -> dict:
 # ------------------------------------------------------------------------------------------------ dvc project
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-                 "data/.gitkeep"]
+                 "data/README.md"]
 PROJECT_DIRS = ["stages", "src"]
 
 
