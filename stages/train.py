@@ -13,8 +13,9 @@ import pandas as pd
 
 from attnlab.cli import run_cli
 from attnlab.config import load_params
-from attnlab.plots_train import loss_curve, save_figure
 from attnlab.device import pick_device
+from attnlab.io import save_figure
+from attnlab.plots_train import loss_curve
 from attnlab.train import TrainPaths, check_world, dist_from_env, train
 
 

@@ -31,7 +31,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from attnlab.capture import explicit_attention
 from attnlab.cli import run_cli

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -301,7 +300,7 @@ class Params:
         if not 0 <= self.attention.token_view_head < self.model.n_heads:
             raise ConfigError("attention.token_view_head", f"must be in [0, model.n_heads={self.model.n_heads})")
         if not -self.model.seq_len <= self.attention.token_view_position < self.model.seq_len:
-            raise ConfigError("attention.token_view_position", f"must index a position below model.seq_len")
+            raise ConfigError("attention.token_view_position", "must index a position below model.seq_len")
         if self.interventions.n_eval_tokens < self.model.seq_len:
             raise ConfigError(
                 "interventions.n_eval_tokens",

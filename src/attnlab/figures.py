@@ -14,7 +14,7 @@ import numpy as np
 
 from attnlab import plots
 from attnlab.config import ConfigError, Params
-from attnlab.io import atomic_path, write_text
+from attnlab.io import save_figure, write_text
 from attnlab.stats_io import EXAMPLES_FILE, load_mean_patterns, load_stats
 
 FIGURES = {  # file name -> params it reads (besides the attention_stats outputs)
@@ -60,12 +60,6 @@ def build_figure(name: str, params: Params, attention_dir: str | Path) -> plt.Fi
     if name == "attn_head_diversity.png":
         return plots.head_diversity(df)
     raise ConfigError("--name", f"{name!r} is not a figure; expected one of: {', '.join(FIGURES)}")
-
-
-def save_figure(fig: plt.Figure, out: str | Path) -> None:
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=plots.DPI)
-    plt.close(fig)
 
 
 def token_view(

@@ -72,5 +72,17 @@ def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+FIGURE_DPI = 100  # every figure of the project is saved at this DPI
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> None:
+    """Write a matplotlib figure as PNG atomically at FIGURE_DPI, without a version stamp, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=FIGURE_DPI, metadata={"Software": None}, **savefig_kwargs)
+    plt.close(fig)
+
+
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -18,7 +18,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-DPI = 100
+from attnlab.io import FIGURE_DPI as DPI  # noqa: E402
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#ff7f0e"}  # the same colour for a split in every figure
 STYLE = "whitegrid"
 

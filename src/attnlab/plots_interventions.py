@@ -16,9 +16,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from attnlab.io import atomic_path  # noqa: E402
+from attnlab.io import save_figure  # noqa: E402
 
-DPI = 100
 STYLE = "whitegrid"
 
 # (file name, caption) for the report page: what each figure shows and what to look for.
@@ -145,13 +144,6 @@ PLOTTERS = {
     "head_importance.png": plot_head_importance,
     "intervention_uniform.png": plot_uniform,
 }
-
-
-def save_figure(fig: Figure, path: str | Path) -> None:
-    """Write a PNG atomically at DPI, then close the figure."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png", metadata={"Software": None})
-    plt.close(fig)
 
 
 def write_intervention_figures(table: pd.DataFrame, figures_dir: str | Path) -> list[Path]:

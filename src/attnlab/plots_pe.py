@@ -16,9 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from attnlab.io import atomic_path  # noqa: E402
+from attnlab import io  # noqa: E402
 
-DPI = 100
 
 PE_FIGURES = [
     (
@@ -44,10 +43,8 @@ def _style() -> None:
 
 
 def save_figure(fig: plt.Figure, path: str | Path) -> None:
-    """Write fig as PNG at DPI, atomically, and close it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
+    """attnlab.io.save_figure, cropped to the drawn area."""
+    io.save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_pe_heatmap(table: np.ndarray, base: float = 10000.0) -> plt.Figure:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import matplotlib
 
@@ -11,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-DPI = 100
+from attnlab.io import FIGURE_DPI as DPI  # noqa: E402
 
 
 def loss_curve(log: pd.DataFrame, val_log: pd.DataFrame) -> plt.Figure:
@@ -32,12 +31,3 @@ def loss_curve(log: pd.DataFrame, val_log: pd.DataFrame) -> plt.Figure:
     fig.tight_layout()
     return fig
 
-
-def save_figure(fig: plt.Figure, path: str | Path) -> None:
-    """Save atomically at the fixed DPI, then close the figure."""
-    from attnlab.io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=DPI, metadata={"Software": None})
-    plt.close(fig)

@@ -34,6 +34,7 @@ from attnlab.capture import capture_attention
 from attnlab.checkpoint import load_model
 from attnlab.config import ConfigError, Params
 from attnlab.data import SPLITS, check_length, example_starts, load_tokens
+from attnlab.device import pick_device
 from attnlab.io import atomic_path
 from attnlab.model import Transformer
 from attnlab.stats_io import EXAMPLES_FILE, PATTERNS_FILE, STATS_FILE
@@ -236,17 +237,13 @@ def select_examples(tokens: np.ndarray, seq_len: int, n_examples: int, seed: int
 # ------------------------------------------------------------------------------------------------- stage
 
 
-def auto_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def attention_stats(params: Params, model_path: str | Path, tokens_dir: str | Path, out_dir: str | Path) -> dict:
     """The attention_stats stage: writes out_dir/{stats.parquet, mean_patterns.npy, examples.npz}.
 
     Returns the metrics {split: {mean_entropy_bits, mean_support, mean_normalized_support}} and a few counts.
     """
     cfg = params.attention
-    model, _ = load_model(model_path, auto_device())
+    model, _ = load_model(model_path, pick_device("auto"))
     T = model.cfg.seq_len  # the model file's shape, never params.yaml model.*
     tokens = {split: load_tokens(tokens_dir, split) for split in SPLITS}
     for split, toks in tokens.items():
