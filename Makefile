@@ -36,8 +36,8 @@ quick: venv  ## the whole pipeline with the small CPU profile, applied as a DVC 
 test: venv  ## the test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
-bench: venv  ## throughput figures, written to reports/bench.json
-	$(BIN)/python -m attnlab.bench --out reports/bench.json
+bench: venv  ## throughput figures + quality against a reference GPT at the quick shape -> reports/bench.json
+	$(BIN)/python -m attnlab.bench --out reports/bench.json $(subst -S ,--set ,$(QUICK_PARAMS))
 
 # Experiments run side by side by `make compare` (each trains its own model; 1 suits a CPU or a single GPU).
 JOBS ?= 1

@@ -25,7 +25,8 @@ def main(argv: list[str]) -> None:
     metrics, samples = evaluate(params, Path(args.model), Path(args.tokens), Path(args.tokenizer))
     write_json(args.metrics, metrics)
     write_text(args.samples, samples)
-    print(f"[evaluate] val loss {metrics['val_loss']:.4f} nats/token, ppl {metrics['val_ppl']:.2f}, "
+    print(f"[evaluate] val loss {metrics['val_loss']:.4f} nats/token ({metrics['val_loss_vs_unigram']:.3f} below the "
+          f"unigram baseline {metrics['unigram_loss']:.4f}), ppl {metrics['val_ppl']:.2f}, "
           f"{metrics['val_bpb']:.4f} bits/byte over {metrics['val_tokens_scored']:,} tokens "
           f"in {time.time() - t0:.1f} s")
 

@@ -37,7 +37,8 @@ def test_bench_writes_every_key_at_a_tiny_shape(tmp_path, monkeypatch, capsys):
     assert results["config"]["d_model"] == 32 and results["config"]["batch_size"] == 2
     assert results["config"]["token_source"] == "synthetic"
     assert len(results["loss_curve_fp32"]) == len(results["loss_curve_bf16"]) == 2
-    assert list(results["section_seconds"]) == [name for name, _ in bench.SECTIONS]
+    assert list(results["section_seconds"]) == [name for name, _ in bench.SECTIONS] + ["quality"]
+    assert "no token files" in results["quality_skipped"]
     printed = capsys.readouterr().out
     assert "attnlab / torch, fp32" in printed and "MFU bf16" in printed
 
@@ -81,3 +82,27 @@ def test_bad_bench_input_is_one_error_line(args, key, tmp_path, capsys):
     assert err.startswith(f"error: {key}:"), err
     assert len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_quality_section_trains_both_models_and_scores_them_on_evaluates_windows(tmp_path, monkeypatch):
+    """`make bench`'s quality keys from a real run of the train stage's function and the reference GPT."""
+    from helpers import TINY_TRAIN_PARAMS, write_params, write_tokens
+
+    monkeypatch.chdir(tmp_path)
+    write_tokens(tmp_path / "data" / "tokens")
+    write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS)
+    args = bench.parse_args(["--params", "params.yaml", "--set", "eval.max_tokens=640", "--set", "seed=3"])
+    results = bench.quality(args, log=print)
+    assert results["quality_val_tokens"] == 640
+    for key in ("quality_unigram_loss", "quality_attnlab_val_loss", "quality_reference_val_loss"):
+        assert 0 < results[key] < 10, key
+    assert results["quality_vs_reference"] == pytest.approx(
+        results["quality_attnlab_val_loss"] / results["quality_reference_val_loss"], abs=1e-3)
+    assert "seed 3" in results["quality_shape"]
+
+
+def test_overrides_parse_as_dvc_set_does():
+    assert bench.parse_overrides(["model.d_model=128", "seed=2", "attention.seq_len_filter=[32,64]"]) == {
+        "model": {"d_model": 128}, "seed": 2, "attention": {"seq_len_filter": [32, 64]}}
+    with pytest.raises(Exception, match="--set"):
+        bench.parse_overrides(["model.d_model"])

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from attnlab.capture import capture_attention, capture_points, explicit_attention
 from attnlab.interventions import (
@@ -125,15 +124,20 @@ def test_masked_scores_stay_minus_infinity():
 # ------------------------------------------------------------------------------------------------- TopK
 
 
-def loop_top_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Reference: per row, the k allowed keys with the largest scores, lowest key position first among ties."""
-    keep = torch.zeros(scores.shape, dtype=torch.bool)
+def loop_top_k_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: per row, sort the allowed keys by (-score, key), keep the first k scores, -inf elsewhere."""
+    out = torch.full_like(scores, float("-inf"))
     for index in np.ndindex(*scores.shape[:-1]):
         row = scores[index].tolist()
         allowed = [j for j, s in enumerate(row) if s != float("-inf")]
         for j in sorted(allowed, key=lambda j: (-row[j], j))[:k]:
-            keep[index + (j,)] = True
-    return keep
+            out[index + (j,)] = row[j]
+    return out
+
+
+def loop_top_k_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: per row, the k allowed keys with the largest scores, lowest key position first among ties."""
+    return torch.isfinite(loop_top_k_scores(scores, k))
 
 
 def loop_argmax(row: list[float]) -> int:
@@ -164,12 +168,28 @@ def test_top_k_on_hand_built_scores_with_ties():
     assert top1.nonzero()[:, 1].tolist() == [0, 0, 1, 0, 0]
 
 
-def test_top_k_matches_the_loop_reference_on_random_scores():
-    gen = torch.Generator().manual_seed(3)
-    scores = torch.randint(-3, 4, (2, 3, 9, 9), generator=gen).float()  # small integers: many ties
-    scores = scores.masked_fill(~causal_mask(9), float("-inf"))
-    for k in (1, 2, 4, 9):
-        assert torch.equal(torch.isfinite(TopK(k).edit_scores(scores)), loop_top_k_keep(scores, k)), k
+@pytest.mark.parametrize("k", range(1, 7))
+def test_top_k_below_t_matches_the_loop_reference_scores_and_softmax(k):
+    """k < T = 7, so the early return for k >= T is never taken: ties, and rows with fewer than k keys."""
+    T7 = 7
+    gen = torch.Generator().manual_seed(10 + k)
+    scores = torch.randint(-2, 3, (3, 2, T7, T7), generator=gen).float()  # (B, h, T, T) 5 values: many ties
+    scores[0, 0, T7 - 1] = 1.0  # a row tied everywhere: the k lowest keys win
+    scores = scores.masked_fill(~causal_mask(T7), float("-inf"))  # rows t < k - 1 have fewer than k keys
+    edited = TopK(k).edit_scores(scores)  # (B, h, T, T)
+    want = loop_top_k_scores(scores, k)
+    assert torch.equal(edited, want)  # kept scores unchanged, every other key -inf
+    kept = torch.isfinite(want).sum(-1)  # (B, h, T)
+    assert torch.equal(kept, torch.clamp(torch.arange(1, T7 + 1), max=k).expand_as(kept))
+    assert torch.isfinite(want[0, 0, T7 - 1]).nonzero().flatten().tolist() == list(range(k))
+    cut_ties = 0  # rows where the k-th and (k+1)-th largest allowed scores tie: the tie-break decides
+    for index in np.ndindex(*scores.shape[:-1]):
+        ranked = sorted((s for s in scores[index].tolist() if s != float("-inf")), reverse=True)
+        cut_ties += len(ranked) > k and ranked[k - 1] == ranked[k]
+    assert cut_ties >= 1
+    pattern = torch.softmax(edited, -1)  # (B, h, T, T) what the model's softmax makes of the edit
+    torch.testing.assert_close(pattern, torch.softmax(want, -1), atol=1e-7, rtol=0)
+    assert torch.equal(pattern > 0, torch.isfinite(want))  # weight exactly on the kept keys
 
 
 def test_top_1_puts_all_weight_on_the_argmax_key(model, idx):

@@ -17,9 +17,10 @@ import yaml
 
 from attnlab.capture import explicit_attention
 from attnlab.checkpoint import load_model
-from attnlab.data import eval_starts, load_tokens
+from attnlab.data import example_starts, load_tokens
 from attnlab.generate import generate
-from attnlab.interventions import MeanAblate, evaluate, head_means, make_batches
+from attnlab.evaluate import samples_markdown as evaluate_samples
+from attnlab.interventions import MeanAblate, evaluate, head_means, intervention_starts, make_batches
 from attnlab.plots_interventions import INTERVENTION_FIGURES, write_intervention_figures
 from interv_helpers import train_sentencepiece, training_text, write_model, write_tokens
 
@@ -80,7 +81,9 @@ def stage_run(workdir):
 
 def test_metrics_have_the_nested_layout(workdir, stage_run):
     metrics = json.loads((workdir / "reports/interventions.json").read_text())
-    assert list(metrics) == ["baseline", "uniform_all", "uniform_layer", "temperature", "top_k", "mean_ablate"]
+    assert list(metrics) == ["baseline", "uniform_all", "uniform_layer", "temperature", "top_k", "mean_ablate",
+                             "tokens_scored"]
+    assert metrics["tokens_scored"] == {"val": 10 * SEQ_LEN, "train_for_means": 12 * SEQ_LEN}
     summary = {"loss", "ppl", "mean_entropy_bits"}
     assert set(metrics["baseline"]) == summary and set(metrics["uniform_all"]) == summary
     assert list(metrics["uniform_layer"]) == ["0", "1"]
@@ -104,11 +107,26 @@ def test_identity_rows_reproduce_the_baseline(workdir, stage_run):
     assert base["ppl"] == pytest.approx(np.exp(base["loss"]))
 
 
-def test_baseline_is_the_loss_on_the_fixed_val_windows(workdir, stage_run):
-    """An independent loop: plain forward (fused path) over the non-overlapping val windows."""
+def seed_of(workdir: Path) -> int:
+    return int(yaml.safe_load((workdir / "params.yaml").read_text())["seed"])
+
+
+def test_windows_are_seeded_random_windows_from_the_whole_split(workdir):
+    """The windows attention_stats would pick (example_starts with the run's seed), not the split's first ones."""
+    val = load_tokens(workdir / "data/tokens", "val")
+    starts = intervention_starts(val, SEQ_LEN, 10 * SEQ_LEN, seed_of(workdir))
+    assert np.array_equal(starts, example_starts(len(val), SEQ_LEN, 10, seed_of(workdir)))
+    first_windows = np.arange(10) * SEQ_LEN
+    assert not np.array_equal(np.sort(starts), first_windows)
+    assert starts.max() > len(val) // 2  # reaches the second half of the split
+    assert not np.array_equal(starts, intervention_starts(val, SEQ_LEN, 10 * SEQ_LEN, seed_of(workdir) + 1))
+
+
+def test_baseline_is_the_loss_on_the_seeded_val_windows(workdir, stage_run):
+    """An independent loop: plain forward (fused path) over the seeded random val windows."""
     model, _ = load_model(workdir / "models/model.pt")
     val = load_tokens(workdir / "data/tokens", "val")
-    starts = eval_starts(len(val), SEQ_LEN, 10 * SEQ_LEN)
+    starts = example_starts(len(val), SEQ_LEN, 10, seed_of(workdir))
     assert len(starts) == 10
     losses = []
     with torch.no_grad():
@@ -124,7 +142,7 @@ def test_mean_ablation_uses_means_from_the_train_split(workdir, stage_run):
     tokens = workdir / "data/tokens"
     val = load_tokens(tokens, "val")
     batches = {
-        split: make_batches(data, eval_starts(len(data), SEQ_LEN, n), SEQ_LEN, 4, "cpu")
+        split: make_batches(data, example_starts(len(data), SEQ_LEN, n // SEQ_LEN, seed_of(workdir)), SEQ_LEN, 4, "cpu")
         for split, data, n in (("train", load_tokens(tokens, "train"), 12 * SEQ_LEN), ("val", val, 10 * SEQ_LEN))
     }
     metrics = json.loads((workdir / "reports/interventions.json").read_text())
@@ -178,9 +196,28 @@ def test_samples_use_the_same_prompts_and_seed(workdir, stage_run):
     sp = spm.SentencePieceProcessor(model_file=str(workdir / "data/tokenizer/tokenizer.model"))
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     with explicit_attention(model):
-        for prompt in PROMPTS:
-            sample = generate(model, sp, prompt, 8, 0.8, 20, params["seed"])
+        for i, prompt in enumerate(PROMPTS):
+            sample = generate(model, sp, prompt, 8, 0.8, 20, params["seed"] + i)
             assert f"```python\n{sample}\n```" in sections[0]
+
+
+def test_baseline_samples_are_evaluates_samples(workdir, stage_run):
+    """samples.md (evaluate) and the interventions' baseline continue each prompt with the same seed: with the
+    same number of tokens they are the same text."""
+    from attnlab.config import load_params
+    import sentencepiece as spm
+
+    model, _ = load_model(workdir / "models/model.pt")
+    sp = spm.SentencePieceProcessor(model_file=str(workdir / "data/tokenizer/tokenizer.model"))
+    params = load_params(workdir / "params.yaml")
+    params = params.__class__(**{**params.__dict__, "eval": params.eval.__class__(
+        **{**params.eval.__dict__, "sample_tokens": params.interventions.sample_tokens})})
+    evaluate_md = evaluate_samples(model, sp, params)
+    baseline = (workdir / "reports/intervention_samples.md").read_text().split("## all heads uniform")[0]
+    blocks = [b.split("```", 1)[0] for b in baseline.split("```python\n")[1:]]
+    assert len(blocks) == len(PROMPTS)
+    for block in blocks:
+        assert f"```python\n{block.rstrip(chr(10))}\n```" in evaluate_md
 
 
 # ------------------------------------------------------------------------------------------- bad params

@@ -102,6 +102,18 @@ def test_paths_agree_with_nonlinear_qkv_heads():
 # ----------------------------------------------------------------------------------------------- RoPE
 
 
+@pytest.mark.parametrize(("seq_len", "dim", "base"), [(12, 8, 10000.0), (40, 6, 10000.0), (5, 16, 100.0)])
+def test_rope_angles_match_closed_form(seq_len, dim, base):
+    """cos, sin of t * base^(-2i/dim), one entry at a time in Python floats."""
+    cos, sin = rope_angles(seq_len, dim, base)
+    assert cos.shape == sin.shape == (seq_len, dim // 2)  # (T, dim/2)
+    for t in range(seq_len):
+        for i in range(dim // 2):
+            angle = t * base ** (-2 * i / dim)
+            assert cos[t, i].item() == pytest.approx(math.cos(angle), abs=1e-6), (t, i)
+            assert sin[t, i].item() == pytest.approx(math.sin(angle), abs=1e-6), (t, i)
+
+
 @pytest.mark.parametrize(("dim", "base"), [(8, 10000.0), (6, 10000.0), (16, 100.0)])
 def test_apply_rope_is_complex_multiplication(dim, base):
     T = 40

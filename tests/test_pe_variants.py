@@ -25,7 +25,6 @@ from attnlab.model import (
     Transformer,
     apply_rope,
     complex_linear,
-    complex_pe_angles,
     count_parameters,
 )
 
@@ -183,12 +182,61 @@ def test_complex_scores_ignore_a_common_phase_for_any_projection():
     assert torch.allclose(scores_of(attn, x), scores_of(attn, turned), atol=1e-4)
 
 
+def qkv_of(attn: CausalSelfAttention, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The (B, T, D) outputs of one attention layer's q_proj, k_proj, v_proj for input x (B, T, D)."""
+    out, handles = {}, []
+    for part in ("q", "k", "v"):
+        module = getattr(attn, f"{part}_proj")
+        handles.append(module.register_forward_hook(lambda m, i, o, part=part: out.__setitem__(part, o.detach())))
+    try:
+        with torch.no_grad():
+            attn(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
 def test_complex_value_path_is_real_and_position_free():
+    """V of a token is the same at every position; Q and K of the same token are not (they see x_pos)."""
     cfg = tiny(pe="complex")
     attn = build(cfg).blocks[0].attn
     assert isinstance(attn.v_proj.linear, torch.nn.Linear) and attn.v_proj.linear.out_features == cfg.d_model
-    cos, sin = complex_pe_angles(cfg.seq_len, cfg.d_model, cfg.rope_base)
-    assert torch.equal(attn.rope_cos, cos) and torch.equal(attn.rope_sin, sin)
+    T, D = cfg.seq_len, cfg.d_model
+    g = torch.Generator().manual_seed(9)
+
+    # one token vector at every position
+    token = torch.randn(D, generator=g)
+    same = qkv_of(attn, token.expand(1, T, D))
+    v_token = same["v"][0, 0]  # (D,)
+    torch.testing.assert_close(same["v"][0], v_token.expand(T, D), atol=1e-6, rtol=0)
+    torch.testing.assert_close(v_token, attn.v_proj.linear(token).detach(), atol=1e-6, rtol=0)  # W_v x + b_v
+    for part in ("q", "k"):
+        spread = (same[part][0] - same[part][0, :1]).abs().amax(-1)  # (T,) distance from position 0
+        assert spread[0] == 0 and (spread[1:] > 1e-3).all(), part
+
+    # the same sequence moved `shift` positions later, random tokens in front
+    shift = 5
+    x = torch.randn(1, T, D, generator=g)
+    moved = torch.cat((torch.randn(1, shift, D, generator=g), x[:, : T - shift]), dim=1)  # (1, T, D)
+    a, b = qkv_of(attn, x), qkv_of(attn, moved)
+    torch.testing.assert_close(b["v"][:, shift:], a["v"][:, : T - shift], atol=1e-6, rtol=0)
+    for part in ("q", "k"):
+        assert (b[part][:, shift:] - a[part][:, : T - shift]).abs().max() > 1e-3, part
+
+
+@pytest.mark.parametrize(("pe", "dim_of"), [("complex", "d_model"), ("rope", "d_head"), ("rope_model_dim", "d_model")])
+def test_rotation_buffers_match_closed_form(pe, dim_of):
+    """rope_cos[t, i] = cos(t * base^(-2i/dim)), rope_sin likewise, one entry at a time in Python floats."""
+    cfg = tiny(pe=pe, rope_base=500.0)
+    attn = build(cfg).blocks[1].attn
+    dim = getattr(cfg, dim_of)
+    assert attn.rope_cos.shape == attn.rope_sin.shape == (cfg.seq_len, dim // 2)  # (T, dim/2)
+    for t in range(cfg.seq_len):
+        for i in range(dim // 2):
+            angle = t * cfg.rope_base ** (-2 * i / dim)
+            assert attn.rope_cos[t, i].item() == pytest.approx(math.cos(angle), abs=1e-6), (t, i)
+            assert attn.rope_sin[t, i].item() == pytest.approx(math.sin(angle), abs=1e-6), (t, i)
 
 
 # ------------------------------------------------------------------------------------------ qkv_nonlinear

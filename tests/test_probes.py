@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ import yaml
 
 from attnlab.checkpoint import save_model
 from attnlab.config import ModelConfig
-from attnlab.model import Transformer, sinusoidal_table
+from attnlab.model import Transformer
 from attnlab.plots_pe import PE_FIGURES, pe_heatmap, plot_dimension_variance, plot_position_probe
 from attnlab.probes import (
     analyse_checkpoint,
@@ -143,7 +145,9 @@ def test_position_analysis_on_a_model():
 
 def test_figures_draw_the_data():
     fig = pe_heatmap(24, 16)
-    assert np.allclose(fig.axes[0].images[0].get_array(), sinusoidal_table(24, 16).numpy())
+    closed_form = [[math.sin(t / 10000 ** (d / 16)) if d % 2 == 0 else math.cos(t / 10000 ** ((d - 1) / 16))
+                    for d in range(16)] for t in range(24)]  # PE[t, 2i] = sin, PE[t, 2i+1] = cos of t / base^(2i/D)
+    assert np.allclose(fig.axes[0].images[0].get_array(), np.array(closed_form), atol=1e-6)
     model = tiny_model("none")
     tokens = np.random.default_rng(7).integers(0, 50, size=1000).astype(np.uint16)
     variance, probe = position_analysis(model, tokens, np.arange(6) * 100, ridge=1.0)

@@ -47,3 +47,17 @@ def test_flatten_and_markdown_lite():
     assert flatten({"train": {"a": 1, "b": [1, 2]}, "c": 2.5}) == [("train.a", 1), ("train.b", "[1, 2]"), ("c", 2.5)]
     out = markdown_lite("## Prompt `<x>`\ntext & more\n\n```\na<b\n```")
     assert out == "<h4>Prompt `&lt;x&gt;`</h4>\n<p>text &amp; more</p>\n<pre>a&lt;b</pre>"
+
+
+def test_the_page_opens_on_the_loss_against_the_unigram_baseline_with_tokens_scored(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps(
+        {"val_loss": 3.3012, "unigram_loss": 6.3456, "val_loss_vs_unigram": 3.0444, "val_tokens_scored": 22656}))
+    (tmp_path / "train.json").write_text(json.dumps({"final_val_loss": 3.28, "val_tokens_scored": 16384}))
+    (tmp_path / "interventions.json").write_text(json.dumps(
+        {"baseline": {"loss": 3.41}, "tokens_scored": {"val": 16384, "train_for_means": 16384}}))
+    page = build_report(tmp_path)
+    head = page[: page.index("<h2>Metrics</h2>")]
+    assert "Validation loss 3.301 nats/token" in head and "6.346" in head and "3.04 nats below" in head
+    assert "22,656" in head and "16,384" in head and "seeded random validation windows" in head
+    (tmp_path / "eval.json").write_text(json.dumps({"val_loss": 6.2, "unigram_loss": 6.34, "val_tokens_scored": 10}))
+    assert "learned little beyond token frequencies" in build_report(tmp_path)

@@ -58,6 +58,60 @@ def test_row_stats_match_loop_reference():
         np.testing.assert_allclose(got[name].numpy(), want[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_row_stats_match_loop_reference_on_hand_built_rows():
+    """Rows with exact zeros inside the prefix, a one-hot row and a skewed row, as plain Python lists."""
+    rows = [
+        [1.0, 0.0, 0.0, 0.0, 0.0],
+        [0.25, 0.75, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0, 0.0],  # one-hot on key 1: zero bits, distance 1
+        [0.5, 0.0, 0.25, 0.25, 0.0],  # a zero inside the prefix
+        [0.1, 0.2, 0.3, 0.0, 0.4],
+    ]
+    weights = torch.tensor([rows, rows[::-1]], dtype=torch.float64)  # (2, T, T): second copy is non-causal
+    got = row_stats(weights[:1])  # (1, T, T): any leading shape
+    for t, row in enumerate(rows):
+        prefix = row[: t + 1]
+        entropy = -sum(p * math.log2(p) for p in prefix if p > 0)
+        want = {
+            "entropy_bits": entropy,
+            "support": 2.0**entropy,
+            "normalized_support": 2.0**entropy / (t + 1),
+            "max_weight": max(prefix),
+            "mean_distance": sum(p * (t - j) for j, p in enumerate(prefix)),
+            "weight_on_first": prefix[0],
+        }
+        for name in STAT_NAMES:
+            assert got[name][0, t].item() == pytest.approx(want[name], rel=1e-6, abs=1e-6), (name, t)
+    with pytest.raises(ValueError, match=r"query position 0"):
+        row_stats(weights)  # rows[::-1] starts with a row whose weight sits after position 0
+
+
+def test_row_stats_refuses_weight_after_the_query():
+    """A row with weight on a later key is an error naming the row, not a silently clamped statistic."""
+    torch.manual_seed(2)
+    weights = causal_softmax(torch.randn(2, 3, 6, 6))  # (B, H, T, T)
+    row_stats(weights)  # causal: fine
+    leaky = weights.clone()
+    leaky[1, 2, 3, 0] -= 0.1 * leaky[1, 2, 3, 0]
+    leaky[1, 2, 3, 5] += 0.1 * weights[1, 2, 3, 0]  # key 5 > query 3; the row still sums to 1
+    with pytest.raises(ValueError, match=r"index \(1, 2, 3\) \(query position 3\).*after position 3"):
+        row_stats(leaky)
+
+
+def test_row_stats_refuses_rows_uniform_over_the_whole_window():
+    """Uniform over all T keys: the entropy log2(T) used to be clamped to log2(t+1) without a word."""
+    T = 5
+    with pytest.raises(ValueError, match=r"query position 0"):
+        row_stats(torch.full((1, 1, T, T), 1.0 / T))
+
+
+def test_row_stats_tolerates_rounding_after_the_query():
+    weights = causal_softmax(torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(4)))
+    tiny_leak = weights + 1e-8 * torch.ones(6, 6).triu(1)  # (B, H, T, T) far below CAUSAL_TOLERANCE per row
+    for name, value in row_stats(tiny_leak).items():
+        torch.testing.assert_close(value, row_stats(weights)[name], atol=1e-6, rtol=1e-6)
+
+
 def test_row_stats_bounds_and_support_identity():
     torch.manual_seed(1)
     weights = causal_softmax(torch.randn(4, 2, 32, 32) * torch.logspace(-2, 2, 4)[:, None, None, None])

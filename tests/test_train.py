@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attnlab.config import ConfigError, Params, TrainConfig, load_params
+from attnlab.config import ConfigError, TrainConfig, load_params
 from attnlab.device import pick_device
 from attnlab.train import Budget, lr_at, make_budget
 from helpers import TINY_TRAIN_PARAMS, run_stage, write_params, write_tokens
@@ -15,14 +15,14 @@ from helpers import TINY_TRAIN_PARAMS, run_stage, write_params, write_tokens
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1)
-    budget = Budget(n_params=1, total_tokens=100, steps=100, tokens_per_step=1, warmup_steps=10)
+    budget = Budget(n_params=1, total_tokens=101, steps=101, tokens_per_step=1, warmup_steps=10)  # steps 0..100
     assert lr_at(0, budget, cfg) == pytest.approx(1e-4)
     assert lr_at(9, budget, cfg) == pytest.approx(1e-3)
     assert lr_at(10, budget, cfg) == pytest.approx(1e-3)
     midway = 10 + 45
     assert lr_at(midway, budget, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(100, budget, cfg) == pytest.approx(1e-4)
-    values = [lr_at(s, budget, cfg) for s in range(10, 100)]
+    values = [lr_at(s, budget, cfg) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 

@@ -15,6 +15,10 @@ Sections today:
   (CPU) or of the dense bf16 peak table (CUDA);
 - bf16_loss: the same short training run in fp32 and under bf16 autocast from one init on the same batches,
   with a second fp32 init seed as the yardstick for "within noise".
+
+Then, when the project's token files exist, the quality section (attnlab.bench_quality): the train stage's
+recipe against a plain reference GPT at the shape of `--params` plus `--set key=value` overrides (`make bench`
+passes the quick profile), both scored on evaluate's windows: ``quality_vs_reference`` (goal <= 1.0).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from attnlab.capture import explicit_attention
 from attnlab.cli import run_cli
-from attnlab.config import ConfigError, ModelConfig, TrainConfig
+from attnlab.config import ConfigError, ModelConfig, TrainConfig, load_params
 from attnlab.data import batch_starts, check_length, load_meta, load_tokens, windows
 from attnlab.device import pick_device
 from attnlab.io import write_json
@@ -424,6 +429,10 @@ TABLE = [  # (key, label, format)
     ("loop_reference_tok_s", "original loop formulation tok/s", "{:,.0f}"),
     ("loop_reference_matches", "  loop gives the same numbers", "{}"),
     ("peak_memory_grows_with_n_examples", "peak memory grows with n_examples", "{}"),
+    ("quality_unigram_loss", "quality: unigram baseline (nats)", "{:.4f}"),
+    ("quality_attnlab_val_loss", "quality: attnlab val loss (nats)", "{:.4f}"),
+    ("quality_reference_val_loss", "quality: reference GPT val loss (nats)", "{:.4f}"),
+    ("quality_vs_reference", "  attnlab / reference (goal <= 1.0)", "{:.3f}"),
 ]
 
 
@@ -484,14 +493,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mm-size", dest="mm_size", type=int, default=2048, help="n of the n x n peak matmul")
     p.add_argument("--mm-seconds", dest="mm_seconds", type=float, default=2.0, help="time per peak measurement")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--params", default="params.yaml", help="params of the quality section's two training runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param of the quality section, as `dvc exp run -S` (repeatable)")
+    p.add_argument("--no-quality", dest="quality", action="store_false", help="skip the quality section")
     return p.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["model.d_model=128", "seed=2"] -> {"model": {"d_model": 128}, "seed": 2} (values parsed as YAML)."""
+    nested: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("--set", f"{item!r} is not KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return nested
+
+
+def quality(args: argparse.Namespace, log) -> dict:
+    """The quality section, or a note saying why it was skipped."""
+    if not (Path(args.tokens) / "train.bin").exists():
+        log(f"bench: quality skipped: no token files in {args.tokens} (run `make quick` first)")
+        return {"quality_skipped": f"no token files in {args.tokens}"}
+    from attnlab.bench_quality import quality_comparison
+
+    params = load_params(args.params, parse_overrides(args.overrides))
+    return quality_comparison(params, args.tokens, log=log)
 
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     setup = build_setup(args)
     started = time.perf_counter()
-    results = run_bench(setup, log=lambda line: print(line, file=sys.stderr))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    results = run_bench(setup, log=log)
+    if args.quality:
+        start = time.perf_counter()
+        results.update(quality(args, log))
+        results["section_seconds"]["quality"] = round(time.perf_counter() - start, 2)
     write_json(args.out, results)
     print(format_table(results))
     print(f"bench: {len(SECTIONS)} sections on {results['device']} in {time.perf_counter() - started:.0f} s -> {args.out}")

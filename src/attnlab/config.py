@@ -140,8 +140,10 @@ class TrainConfig:
     micro_batch_size: int = 0  # per-process sequences per forward; 0 = the whole per-process batch
     lr: float = 0.001  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_frac: float = 0.02  # share of steps spent warming up linearly
-    weight_decay: float = 0.1
+    warmup_frac: float = 0.05  # share of steps spent warming up linearly ...
+    warmup_steps: int = 100  # ... but at least this many steps (capped at half the run): short runs need it
+    weight_decay: float = 0.1  # AdamW decay on the weight matrices; never on biases and norms
+    decay_embedding: bool = False  # also decay the (tied) token embedding
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -163,7 +165,7 @@ class TrainConfig:
         _choice("train.backend", self.backend, ("auto", "nccl", "gloo"))
         for key in ("batch_size", "lr", "tokens_per_param", "log_every", "nproc_per_node", "eval_tokens"):
             _positive(f"train.{key}", getattr(self, key))
-        for key in ("micro_batch_size", "max_tokens", "weight_decay", "grad_clip"):
+        for key in ("micro_batch_size", "max_tokens", "weight_decay", "grad_clip", "warmup_steps"):
             _non_negative(f"train.{key}", getattr(self, key))
         for key in ("min_lr_ratio", "beta1", "beta2"):
             if not 0.0 <= getattr(self, key) <= 1.0:

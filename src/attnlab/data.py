@@ -65,11 +65,18 @@ def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch
 
 
 def eval_starts(n_tokens: int, seq_len: int, max_tokens: int = 0) -> np.ndarray:
-    """Non-overlapping windows from the start of the split, covering up to max_tokens (0 = all)."""
-    n_windows = (n_tokens - 1) // seq_len
-    if max_tokens:
-        n_windows = min(n_windows, max(1, max_tokens // seq_len))
-    return np.arange(n_windows, dtype=np.int64) * seq_len
+    """Non-overlapping windows covering up to max_tokens (0 = the whole split), spread evenly over the split.
+
+    The split is files concatenated in path order, so the first max_tokens would score one corner of the
+    corpus; evenly spaced windows score all of it. Deterministic, so every run scores the same windows.
+    """
+    n_all = (n_tokens - 1) // seq_len
+    all_starts = np.arange(n_all, dtype=np.int64) * seq_len
+    if not max_tokens or max_tokens // seq_len >= n_all:
+        return all_starts
+    n_windows = max(1, max_tokens // seq_len)
+    picks = np.floor(np.arange(n_windows) * (n_all / n_windows)).astype(np.int64)  # strictly increasing
+    return all_starts[picks]
 
 
 def example_starts(n_tokens: int, seq_len: int, n_examples: int, seed: int) -> np.ndarray:

@@ -9,10 +9,10 @@ import sentencepiece as spm
 
 from attnlab.checkpoint import load_model
 from attnlab.config import ConfigError, Params
-from attnlab.data import check_length, load_meta, load_tokens
-from attnlab.generate import generate
+from attnlab.data import check_length, eval_starts, load_meta, load_tokens
 from attnlab.device import pick_device
-from attnlab.train import evaluate_loss
+from attnlab.generate import generate, prompt_seed
+from attnlab.scoring import score_windows, unigram_loss, window_targets
 
 
 def load_processor(tokenizer_dir: str | Path) -> spm.SentencePieceProcessor:
@@ -30,11 +30,16 @@ def evaluate(params: Params, model_path: Path, tokens_dir: Path, tokenizer_dir: 
     val_tokens = load_tokens(tokens_dir, "val")
     seq_len = model.cfg.seq_len
     check_length(val_tokens, seq_len, "val")
-    loss, n_tokens = evaluate_loss(model, val_tokens, seq_len, params.eval.max_tokens, params.eval.batch_size,
-                                   device, progress=True)
+    starts = eval_starts(len(val_tokens), seq_len, params.eval.max_tokens)
+    score = score_windows(model, val_tokens, starts, seq_len, params.eval.batch_size, progress=True)
+    loss, n_tokens = score.loss, score.n_tokens
+    unigram = unigram_loss(load_tokens(tokens_dir, "train"), window_targets(val_tokens, starts, seq_len),
+                           model.vocab_size)
     bytes_per_token = load_meta(tokens_dir)["bytes_per_token"]["val"]
     metrics = {
         "val_loss": round(loss, 6),
+        "unigram_loss": round(unigram, 6),
+        "val_loss_vs_unigram": round(unigram - loss, 6),
         "val_ppl": round(math.exp(loss), 4),
         "val_bpb": round(loss / math.log(2) / bytes_per_token, 6),
         "val_tokens_scored": n_tokens,
@@ -53,10 +58,10 @@ def samples_markdown(model, processor, params: Params, title: str = "Samples") -
     cfg = params.eval
     lines = [f"# {title}", "",
              f"{cfg.sample_tokens} tokens per prompt, temperature {cfg.sample_temperature}, "
-             f"top-k {cfg.sample_top_k or 'off'}, seed {params.seed}.", ""]
+             f"top-k {cfg.sample_top_k or 'off'}; prompt i is sampled with seed {params.seed} + i.", ""]
     for i, prompt in enumerate(cfg.prompts):
         text = generate(model, processor, prompt, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
-                        seed=params.seed + i)
+                        seed=prompt_seed(params.seed, i))
         lines += [f"## Prompt {i + 1}: `{prompt.strip() or repr(prompt)}`", "", "```python", text.rstrip("\n"),
                   "```", ""]
     return "\n".join(lines)

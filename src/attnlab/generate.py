@@ -56,6 +56,12 @@ def sample_ids(
     return new
 
 
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """The sampling seed of prompt number `prompt_index`: evaluate's samples and the interventions' samples
+    use the same one, so the interventions' baseline text is evaluate's sample for that prompt."""
+    return seed + prompt_index
+
+
 def generate(
     model: Transformer,
     tokenizer_processor,

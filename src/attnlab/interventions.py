@@ -18,7 +18,8 @@ The softmax interventions edit the pre-softmax scores on ``hook_scores`` (entrie
 hooks are removed when the block exits, also on error. Nothing is monkeypatched.
 
 The second half of this module is the interventions stage: one batched evaluation loop (:func:`evaluate`) over
-fixed validation batches, run once per intervention, and :func:`run_interventions`, which builds every row.
+fixed, seeded random validation windows (the
+same choice as attention_stats), run once per intervention, and :func:`run_interventions`, which builds every row.
 
 Shapes: B batch, H heads, h chosen heads of a layer, T sequence, Dh head dimension, L layers, V vocabulary.
 """
@@ -36,13 +37,14 @@ from typing import Iterator, Mapping, Union
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from attnlab.capture import capture_attention, capture_points, edit_point, explicit_attention
 from attnlab.config import ConfigError, Params
-from attnlab.generate import generate
+from attnlab.data import example_starts
+from attnlab.generate import generate, prompt_seed
 from attnlab.model import Transformer
+from attnlab.scoring import Batch, iter_batches, score_batches
 
 # --------------------------------------------------------------------------------------- the interventions
 
@@ -170,8 +172,6 @@ def _mean_edit(layer: int, groups: dict[MeanAblate, list[int]], device: torch.de
 
 # ----------------------------------------------------------------------------------- measuring on batches
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), next-token targets (B, T), int64
-
 
 def entropy_bits(pattern: torch.Tensor) -> torch.Tensor:
     """Entropy of each attention row in bits, -sum_j p_j log2 p_j with 0 log 0 = 0. (..., T, T) -> (..., T)."""
@@ -189,28 +189,26 @@ class EvalResult:
         return math.exp(self.loss)
 
 
-@torch.no_grad()
 def evaluate(
     model: Transformer, batches: list[Batch], edits: Mapping[HeadKey, Intervention] | None = None
 ) -> EvalResult:
-    """The one evaluation loop: loss and mean attention entropy over fixed batches, on the explicit path.
-
-    The attention weights are captured in the same forward pass that gives the loss.
-    """
+    """Loss (attnlab.scoring.score_batches, the one scoring function) and mean attention entropy over fixed
+    batches, on the explicit path. The attention weights are captured in the same forward pass that gives the
+    loss."""
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = n_rows = 0
-    with explicit_attention(model), intervene(model, edits or {}), capture_attention(model) as patterns:
-        for inputs, targets in batches:
-            logits = model(inputs)  # (B, T, V)
-            loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
-            n_tokens += targets.numel()
+    n_rows = 0
+    with torch.no_grad(), explicit_attention(model), intervene(model, edits or {}), \
+            capture_attention(model) as patterns:
+
+        def add_entropy() -> None:
+            nonlocal entropy_sum, n_rows
             for pattern in patterns.values():  # (B, H, T, T) per layer
                 entropy_sum += entropy_bits(pattern).sum(dtype=torch.float64)  # over (B, H, T)
                 n_rows += pattern.shape[:-1].numel()
-    loss, mean_entropy = (loss_sum / n_tokens).item(), (entropy_sum / n_rows).item()
-    return EvalResult(loss=loss, mean_entropy_bits=mean_entropy, n_tokens=n_tokens)
+
+        score = score_batches(model, batches, after_forward=add_entropy)
+    return EvalResult(loss=score.loss, mean_entropy_bits=(entropy_sum / n_rows).item(), n_tokens=score.n_tokens)
 
 
 @torch.no_grad()
@@ -232,13 +230,13 @@ def head_means(model: Transformer, batches: list[Batch]) -> torch.Tensor:
 
 def make_batches(tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int, device) -> list[Batch]:
     """Fixed batches of windows, kept in memory on the device so every intervention reuses them."""
-    from attnlab.data import windows
+    return list(iter_batches(tokens, starts, seq_len, batch_size, device))
 
-    batches = []
-    for i in range(0, len(starts), batch_size):
-        inputs, targets = windows(tokens, starts[i : i + batch_size], seq_len)  # (B, T) each
-        batches.append((inputs.to(device), targets.to(device)))
-    return batches
+
+def intervention_starts(tokens: np.ndarray, seq_len: int, n_tokens: int, seed: int) -> np.ndarray:
+    """Seeded random windows from the whole split, chosen as attention_stats chooses its examples
+    (attnlab.data.example_starts), enough of them to cover n_tokens."""
+    return example_starts(len(tokens), seq_len, max(1, n_tokens // seq_len), seed)
 
 
 # ------------------------------------------------------------------------------------ the stage's sweep
@@ -319,6 +317,12 @@ def metrics_from_table(table: pd.DataFrame) -> dict:
     return {key: metrics[key] for key in order}
 
 
+def with_token_counts(metrics: dict, n_eval_tokens: int, n_mean_tokens: int) -> dict:
+    """The metrics plus what every loss in them scored: seeded random validation windows (as attention_stats
+    picks its examples), and the train tokens behind the mean-ablation means."""
+    return {**metrics, "tokens_scored": {"val": n_eval_tokens, "train_for_means": n_mean_tokens}}
+
+
 @dataclass
 class InterventionRun:
     table: pd.DataFrame  # every row, see results_table
@@ -337,7 +341,7 @@ def run_interventions(
 
     from attnlab.checkpoint import load_model
     from attnlab.device import pick_device
-    from attnlab.data import check_length, eval_starts, load_tokens
+    from attnlab.data import check_length, load_tokens
 
     start = time.perf_counter()
     cfg = params.interventions
@@ -360,8 +364,10 @@ def run_interventions(
             str(tokenizer_path), f"has {sp.get_piece_size()} pieces, more than the model's vocabulary {model.vocab_size}"
         )
 
-    val_batches = make_batches(val, eval_starts(len(val), T, cfg.n_eval_tokens), T, cfg.batch_size, dev)
-    mean_batches = make_batches(train, eval_starts(len(train), T, cfg.mean_tokens), T, cfg.batch_size, dev)
+    val_starts = intervention_starts(val, T, cfg.n_eval_tokens, params.seed)
+    mean_starts = intervention_starts(train, T, cfg.mean_tokens, params.seed)
+    val_batches = make_batches(val, val_starts, T, cfg.batch_size, dev)
+    mean_batches = make_batches(train, mean_starts, T, cfg.batch_size, dev)
     for split, batches in (("val", val_batches), ("train", mean_batches)):
         top = max(int(torch.maximum(x.max(), y.max())) for x, y in batches)
         if top >= model.vocab_size:
@@ -374,7 +380,8 @@ def run_interventions(
     table = results_table(rows, results)
     return InterventionRun(
         table=table,
-        metrics=metrics_from_table(table),
+        metrics=with_token_counts(metrics_from_table(table), results[0].n_tokens,
+                                  sum(x.numel() for x, _ in mean_batches)),
         samples_md=samples_markdown(model, sp, params, table),
         n_eval_tokens=results[0].n_tokens,
         n_mean_tokens=sum(x.numel() for x, _ in mean_batches),
@@ -389,7 +396,8 @@ def samples_markdown(model: Transformer, sp, params: Params, table: pd.DataFrame
     lines = [
         "# Generated samples under attention interventions",
         "",
-        f"Each variant continues the same prompts with the same seed ({params.seed}): {n_tokens} tokens, "
+        f"Each variant continues the same prompts with the same seeds as samples.md (prompt i: seed "
+        f"{params.seed} + i): {n_tokens} tokens, "
         f"sampling temperature {ev.sample_temperature}, top-k {ev.sample_top_k or 'off'}. "
         "The interventions change the model's attention, not the sampler.",
         "",
@@ -399,7 +407,8 @@ def samples_markdown(model: Transformer, sp, params: Params, table: pd.DataFrame
         lines += [f"## {title}{loss}", ""]
         with explicit_attention(model), intervene(model, edits):
             for i, prompt in enumerate(ev.prompts):
-                text = generate(model, sp, prompt, n_tokens, ev.sample_temperature, ev.sample_top_k, params.seed)
+                text = generate(model, sp, prompt, n_tokens, ev.sample_temperature, ev.sample_top_k,
+                                prompt_seed(params.seed, i))
                 fence = "`" * max([3] + [len(run) + 1 for run in re.findall("`+", text)])  # outlasts any ``` in text
                 lines += [f"Prompt {i + 1}: `{prompt!r}`", "", f"{fence}python", text, fence, ""]
     return "\n".join(lines)

@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attnlab.capture import capture_attention
 from attnlab.checkpoint import load_model
 from attnlab.evaluate import load_processor
 from attnlab.generate import generate
-from attnlab.model import Transformer, lm_loss
+from attnlab.model import Transformer
+from attnlab.scoring import score_windows
 
 
 @dataclass
@@ -60,5 +62,8 @@ class Lab:
     @torch.no_grad()
     def loss(self, text: str) -> float:
         """Mean next-token loss of the text in nats/token."""
-        idx = self.encode(text)  # (1, T)
-        return float(lm_loss(self.model(idx[:, :-1]), idx[:, 1:]))
+        ids = self.processor.encode(text)[: self.model.cfg.seq_len + 1]  # one window: T inputs, T targets
+        if len(ids) < 2:
+            raise ValueError(f"text {text[:40]!r} encodes to {len(ids)} token(s); a loss needs at least 2")
+        tokens = np.asarray(ids, dtype=np.int64)
+        return score_windows(self.model, tokens, np.array([0]), len(ids) - 1, batch_size=1).loss

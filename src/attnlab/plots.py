@@ -21,6 +21,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from attnlab.io import FIGURE_DPI as DPI  # noqa: E402
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#ff7f0e"}  # the same colour for a split in every figure
 STYLE = "whitegrid"
+NORMALIZED_SUPPORT_LABEL = "normalized support = support / (position + 1)"
+NORMALIZED_BINS = np.linspace(0.0, 1.0, 51)  # (51,) edges: 50 bins of width 0.02 over (0, 1]
 
 
 def shape_of(df: pd.DataFrame) -> tuple[int, int, int]:
@@ -38,6 +40,27 @@ def _grid(n_layers: int, n_heads: int, cell: tuple[float, float] = (3.0, 2.4), *
 def _splits(df: pd.DataFrame) -> list[str]:
     present = set(df["split"].astype(str).unique())
     return [s for s in SPLIT_COLORS if s in present]
+
+
+def rows_in_positions(df: pd.DataFrame, start: int, stop: int) -> pd.DataFrame:
+    """The rows whose query position is in [start, stop): position == start is kept, position == stop is not."""
+    return df[(df["position"] >= start) & (df["position"] < stop)]
+
+
+def normalized_values(values: pd.Series) -> np.ndarray:
+    """normalized_support as float64, capped at 1: rounding can step a hair above 1 and np.histogram would
+    silently drop those rows (the last bin, [0.98, 1], is closed on the right)."""
+    return np.minimum(values.to_numpy(dtype=np.float64), 1.0)
+
+
+def _split_hists(ax, df: pd.DataFrame, column: str, bins: np.ndarray, mean_fmt: str) -> None:
+    """Train and val histograms of `column` overlaid on `ax` (density), each with a dashed line at its mean."""
+    for split in _splits(df):
+        values = df.loc[df["split"] == split, column]
+        values = normalized_values(values) if column == "normalized_support" else values.to_numpy()
+        color = SPLIT_COLORS[split]
+        ax.hist(values, bins=bins, density=True, alpha=0.5, color=color, label=split)
+        ax.axvline(values.mean(), color=color, ls="--", lw=1.5, label=f"{split} mean {values.mean():{mean_fmt}}")
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -69,19 +92,29 @@ def weights_support(df: pd.DataFrame, n_examples: int, split: str = "train") -> 
 
 
 def support_hist_all(df: pd.DataFrame) -> Figure:
-    """attn_support_hist_all.png: support over all heads and positions, train vs val overlaid."""
+    """attn_support_hist_all.png: normalized support (main, left) and raw support (right) over all heads and
+    positions, train vs val overlaid. Normalizing by the position + 1 visible keys makes positions comparable."""
     _, _, T = shape_of(df)
     bins = np.linspace(1, T, min(T, 60) + 1)
     with sns.axes_style(STYLE):
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=DPI)
-        for split in _splits(df):
-            values = df.loc[df["split"] == split, "support"].to_numpy()
-            ax.hist(values, bins=bins, density=True, alpha=0.5, color=SPLIT_COLORS[split], label=split)
-            ax.axvline(values.mean(), color=SPLIT_COLORS[split], ls="--", lw=1.5, label=f"{split} mean {values.mean():.1f}")
-        ax.set_xlabel(f"support = 2^entropy (tokens; at most position + 1 <= {T})")
-        ax.set_ylabel("density (share of rows per token)")
-        ax.set_title("Support over all layers, heads and query positions")
-        ax.legend()
+        fig, (ax_n, ax_s) = plt.subplots(1, 2, figsize=(14, 5), dpi=DPI)
+        _split_hists(ax_n, df, "normalized_support", NORMALIZED_BINS, ".2f")
+        ax_n.set_xlim(0.0, 1.0)
+        ax_n.set(
+            xlabel=f"{NORMALIZED_SUPPORT_LABEL} (1 = uniform over all visible tokens)",
+            ylabel="density",
+            title=f"Main: {NORMALIZED_SUPPORT_LABEL}",
+        )
+        _split_hists(ax_s, df, "support", bins, ".1f")
+        ax_s.set(
+            xlabel=f"support = 2^entropy (tokens; at most position + 1 <= {T})",
+            ylabel="density (share of rows per token)",
+            title="Raw support (tokens), for reference",
+        )
+        ax_n.legend()
+        ax_s.legend()
+        fig.suptitle("Support over all layers, heads and query positions: mass near 0 (left) = sharp attention")
+        fig.tight_layout()
     return fig
 
 
@@ -116,26 +149,34 @@ def support_vs_seq_len(df: pd.DataFrame) -> Figure:
 
 
 def support_hist_by_head(df: pd.DataFrame, seq_len_filter: tuple[int, int]) -> Figure:
-    """attn_support_hist_by_block_head_w_seq_len_filter.png: per-head support histograms, positions in [start, stop)."""
+    """attn_support_hist_by_block_head_w_seq_len_filter.png: per-head histograms of normalized support,
+    support / (position + 1), over the query positions in [start, stop) (rows_in_positions)."""
     L, H, _ = shape_of(df)
     start, stop = seq_len_filter
-    part = df[(df["position"] >= start) & (df["position"] < stop)]
-    bins = np.linspace(1, stop, min(stop, 40) + 1)
+    part = rows_in_positions(df, start, stop)
     with sns.axes_style(STYLE):
         fig, axes = _grid(L, H, sharex=True)
-        for (layer, head, split), values in part.groupby(["layer", "head", "split"], observed=True)["support"]:
+        groups = part.groupby(["layer", "head", "split"], observed=True)["normalized_support"]
+        for (layer, head, split), values in groups:
             ax = axes[int(layer), int(head)]
-            ax.hist(values.to_numpy(), bins=bins, density=True, alpha=0.5, color=SPLIT_COLORS[str(split)], label=str(split))
+            ax.hist(
+                normalized_values(values), bins=NORMALIZED_BINS, density=True, alpha=0.5,
+                color=SPLIT_COLORS[str(split)], label=str(split),
+            )
         for layer in range(L):
             for head in range(H):
                 ax = axes[layer, head]
+                ax.set_xlim(0.0, 1.0)
                 ax.set_title(f"layer {layer} head {head}", fontsize=9)
                 if layer == L - 1:
-                    ax.set_xlabel("support (tokens)")
+                    ax.set_xlabel(NORMALIZED_SUPPORT_LABEL, fontsize=8)
                 if head == 0:
                     ax.set_ylabel("density")
         axes[0, H - 1].legend(fontsize=8)
-        fig.suptitle(f"Support per head, query positions {start} to {stop - 1}: narrow heads peak on the left")
+        fig.suptitle(
+            f"Per head: {NORMALIZED_SUPPORT_LABEL}, query positions {start} to {stop - 1}\n"
+            "narrow heads peak near 0, uniform ones at 1"
+        )
         fig.tight_layout()
     return fig
 

@@ -44,7 +44,9 @@ FIGURES: list[FigureEntry] = [
     ),
     FigureEntry(
         "figures/attn_support_hist_all.png",
-        "Support over all heads and positions: mass near 1 means sharp attention; train and val should overlap.",
+        "Normalized support = support / (position + 1) over all heads and query positions (left; 1 = uniform over "
+        "every visible token, mass near 0 = sharp attention), with raw support in tokens beside it (right); "
+        "train and val should overlap.",
         "Attention",
     ),
     FigureEntry(
@@ -55,8 +57,9 @@ FIGURES: list[FigureEntry] = [
     ),
     FigureEntry(
         "figures/attn_support_hist_by_block_head_w_seq_len_filter.png",
-        "Per-head support histograms in a window of query positions: heads differ most here, some peaked near "
-        "1 token, others broad.",
+        "Per-head histograms of normalized support = support / (position + 1) for query positions in "
+        "[start, stop) of attention.seq_len_filter: heads differ most here, some peaked near 0 (a few tokens), "
+        "others broad or near 1 (uniform).",
         "Attention",
     ),
     FigureEntry(
@@ -203,6 +206,48 @@ def markdown_lite(text: str) -> str:
     return "\n".join(out)
 
 
+def _read(reports: Path, name: str) -> dict:
+    try:
+        return json.loads((reports / name).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def baseline_html(reports: Path) -> str:
+    """The model's loss against the unigram baseline, and every loss on the page with the tokens it scored:
+    they score different windows, so they differ, and the table says why."""
+    ev, tr, iv = _read(reports, "eval.json"), _read(reports, "train.json"), _read(reports, "interventions.json")
+    if "val_loss" not in ev:
+        return '<p class="missing">No validation loss yet (run the evaluate stage): nothing to compare with a baseline.</p>'
+    lines = []
+    if "unigram_loss" in ev:
+        gap = ev["unigram_loss"] - ev["val_loss"]
+        verdict = "learned well beyond token frequencies" if gap >= 1.5 else (
+            "learned little beyond token frequencies: treat every attention figure below with suspicion"
+            if gap < 0.5 else "learned, but modestly")
+        lines.append(f"<p><b>Validation loss {ev['val_loss']:.3f} nats/token</b> against a unigram baseline of "
+                     f"{ev['unigram_loss']:.3f} (the train split's token frequencies on the same tokens): "
+                     f"{gap:.2f} nats below it, so the model {verdict}.</p>")
+    rows = [("evaluate: val_loss", ev.get("val_loss"), ev.get("val_tokens_scored"),
+             "non-overlapping windows spread evenly over the validation split (eval.max_tokens)"),
+            ("evaluate: unigram_loss", ev.get("unigram_loss"), ev.get("val_tokens_scored"), "the same targets")]
+    if tr:
+        rows.append(("train: final_val_loss", tr.get("final_val_loss"), tr.get("val_tokens_scored"),
+                     "the train stage's periodic validation windows (train.eval_tokens), spread the same way"))
+    if iv:
+        rows.append(("interventions: baseline", iv.get("baseline", {}).get("loss"),
+                     iv.get("tokens_scored", {}).get("val"),
+                     "seeded random validation windows, chosen as attention_stats chooses its examples"))
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td><td class=\"num\">{html.escape(format_value(loss))}</td>"
+        f"<td class=\"num\">{html.escape(format_value(n))}</td><td>{html.escape(what)}</td></tr>"
+        for name, loss, n, what in rows if loss is not None
+    )
+    lines.append("<table><tr><th>loss</th><th>nats/token</th><th>tokens scored</th><th>which tokens</th></tr>"
+                 f"{body}</table>")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------------- page
 
 
@@ -218,6 +263,8 @@ def build_report(reports: str | Path, figures: list[FigureEntry] | None = None) 
         "<h1>attnlab: a transformer trained from scratch on Python source, and its attention</h1>",
         "<p>Entropy is in bits; support = 2<sup>entropy</sup> is the effective number of tokens a head attends "
         "to from one query position (at most position + 1).</p>",
+        "<h2>Did the model learn?</h2>",
+        baseline_html(reports),
         "<h2>Metrics</h2>",
         metrics_html(reports),
     ]

@@ -8,11 +8,11 @@ For one head, example and query position t, the weights p_0..p_t over keys 0..t 
 - mean_distance = sum_j p_j (t - j), the expected distance back to the attended key, in tokens;
 - weight_on_first = p_0, the weight on the first token of the window.
 
-`row_stats` computes them for every row of a (B, H, T, T) tensor at once. `stream_attention_stats` runs the
-model over seeded examples of each split, batch by batch, through capture_attention; only one batch's
-weights are alive at a time, and rows go to a sink (a parquet writer) as arrow tables, so memory stays
-bounded whatever attention.n_examples is. It also accumulates each head's mean attention pattern and the
-summary metrics.
+`row_stats` computes them for every row of a (B, H, T, T) tensor at once, and refuses (ValueError) a row with
+weight on keys after t rather than silently folding it in. `stream_attention_stats` runs the model over seeded
+examples of each split, batch by batch, through capture_attention; only one batch's weights are alive at a time,
+and rows go to a sink (a parquet writer) as arrow tables, so memory stays bounded whatever attention.n_examples
+is. It also accumulates each head's mean attention pattern and the summary metrics.
 """
 
 from __future__ import annotations
@@ -48,13 +48,33 @@ SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())  # pandas category
 # --------------------------------------------------------------------------------------- row statistics
 
 
+CAUSAL_TOLERANCE = 1e-6  # most weight a row may put on keys after its query before row_stats refuses it
+
+
+def check_causal(p: torch.Tensor) -> None:
+    """Raise ValueError naming the first row of p (..., T, T) with more than CAUSAL_TOLERANCE weight on keys after
+    its query position. NaN rows pass: row_stats returns NaN for them rather than hiding them."""
+    after = torch.triu(p, diagonal=1).abs_().sum(-1)  # (..., T) weight on keys j > t
+    bad = after > CAUSAL_TOLERANCE
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])  # (..., t) of the first offending row
+        t = index[-1]
+        raise ValueError(
+            f"attention row at index {index} (query position {t}) puts {float(after[index]):.3g} of its weight on "
+            f"keys after position {t}; row_stats needs causal rows (at most {CAUSAL_TOLERANCE:g} after the query)"
+        )
+
+
 def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """Statistics of every attention row. weights (..., T, T), rows = query positions, causal, rows sum to 1.
 
     Returns a dict of STAT_NAMES -> (..., T) float32 tensors. Vectorised: no loop over rows, heads or batch.
+    Raises ValueError if a row puts weight on keys after its query (see check_causal): the statistics are
+    defined over keys 0..t, and a non-causal row would otherwise pass silently, its entropy clamped.
     """
     p = weights.float()  # (..., T, T)
     T = p.shape[-1]
+    check_causal(p)
     position = torch.arange(T, device=p.device, dtype=torch.float32)  # (T,) query position t
     max_bits = torch.log2(position + 1.0)  # (T,) log2(number of visible keys)
     entropy_nats = -torch.special.xlogy(p, p).sum(-1)  # (..., T); xlogy(0, 0) = 0

@@ -21,7 +21,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -32,6 +31,7 @@ from attnlab.data import batch_starts, check_length, eval_starts, load_meta, loa
 from attnlab.device import pick_device
 from attnlab.io import atomic_path, write_json
 from attnlab.model import Transformer, count_parameters, flops_per_token, lm_loss
+from attnlab.scoring import autocast, score_windows, unigram_loss, window_targets
 
 LOG_COLUMNS = ("step", "tokens", "loss", "lr")
 KILL_ENV = "ATTNLAB_KILL_AT_STEP"  # test hook: SIGKILL this process right after that step, as a dying machine
@@ -92,12 +92,6 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ------------------------------------------------------------------------------------- budget, optimiser
 
 
@@ -116,23 +110,47 @@ def make_budget(params: Params, vocab_size: int) -> Budget:
     total = cfg.max_tokens or int(cfg.tokens_per_param * n_params)
     per_step = cfg.batch_size * params.model.seq_len
     steps = max(1, total // per_step)
-    return Budget(n_params, steps * per_step, steps, per_step, int(cfg.warmup_frac * steps))
+    return Budget(n_params, steps * per_step, steps, per_step, warmup_steps(cfg, steps))
+
+
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    """warmup_frac of the run, but at least train.warmup_steps, and never more than half the run.
+
+    The floor matters for short runs: 2% of a 1,000-step run is 19 steps, too few for a post-norm model at
+    lr 3e-3, which then sits at the unigram loss for hundreds of steps (docs/training.md).
+    """
+    return min(max(int(cfg.warmup_frac * steps), cfg.warmup_steps), steps // 2)
 
 
 def lr_at(step: int, budget: Budget, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    """Linear warmup to cfg.lr, then cosine decay that reaches cfg.lr * min_lr_ratio at the last step.
+
+    Steps run from 0 to budget.steps - 1: the first step after warmup has the peak lr, the last one the floor.
+    """
     if step < budget.warmup_steps:
         return cfg.lr * (step + 1) / budget.warmup_steps
-    span = max(1, budget.steps - budget.warmup_steps)
+    span = max(1, budget.steps - 1 - budget.warmup_steps)
     progress = min(1.0, (step - budget.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def decays(name: str, decay_embedding: bool) -> bool:
+    """Whether AdamW decays the parameter of this name: weight matrices yes; biases (the non-linear heads'
+    2-D `mlp_*_bias` too), LayerNorm weights and positional tables no; the token embedding if asked."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf.endswith("bias") or ".ln" in f".{name}" or name.startswith("pos_emb"):
+        return False
+    if name.startswith("tok_emb"):
+        return decay_embedding
+    return leaf.endswith("weight")
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (embedding included), none on biases and LayerNorm weights."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW; weight decay chosen by parameter name (see `decays`)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if decays(n, cfg.decay_embedding)]
+    no_decay = [p for n, p in named if not decays(n, cfg.decay_embedding)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
@@ -152,30 +170,6 @@ def fingerprint(params: Params, vocab_size: int, tokens_meta: dict) -> str:
         "tokens": {s: tokens_meta[s]["tokens"] for s in ("train", "val")},
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: torch.nn.Module, tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int,
-    device: torch.device, amp: torch.dtype | None = None, progress: bool = False,
-) -> tuple[float, int]:
-    """Mean next-token loss (nats) over non-overlapping windows from the split's start; (loss, n_tokens)."""
-    model.eval()
-    starts = eval_starts(len(tokens), seq_len, max_tokens)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    batches = range(0, len(starts), batch_size)
-    for i in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
-        x, y = windows(tokens, starts[i : i + batch_size], seq_len)
-        x, y = x.to(device), y.to(device)
-        with autocast(device, amp):
-            logits = model(x)  # (B, T, V)
-        total += lm_loss(logits, y).double() * y.numel()
-        count += y.numel()
-    return float(total.item() / count), count
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -283,6 +277,9 @@ def train(params: Params, paths: TrainPaths) -> dict:
 
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    val_starts = eval_starts(len(val_tokens), params.model.seq_len, cfg.eval_tokens)
+    unigram = unigram_loss(train_tokens, window_targets(val_tokens, val_starts, params.model.seq_len), vocab_size)
+    watch = LearningWatch(unigram, budget.steps)
     ckpt_every = max(1, int(round(cfg.checkpoint_every_frac * budget.steps)))
     eval_every = max(1, int(round(cfg.eval_every_frac * budget.steps)))
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
@@ -357,10 +354,10 @@ def train(params: Params, paths: TrainPaths) -> dict:
                     first_flush = (first_flush[0], None)
                 at_checkpoint = at_checkpoint or time_for_checkpoint()
             if world.is_main and (done % eval_every == 0 or done == budget.steps):
-                val_loss, _ = evaluate_loss(model, val_tokens, params.model.seq_len, cfg.eval_tokens,
-                                            per_rank, device, amp)
+                val_loss = score_windows(model, val_tokens, val_starts, params.model.seq_len, per_rank, amp).loss
                 val_rows.append([done, done * budget.tokens_per_step, val_loss])
-                log(f"step {done:,}: val loss {val_loss:.4f}")
+                log(f"step {done:,}: val loss {val_loss:.4f} (unigram baseline {unigram:.4f})")
+                watch.check(done, val_loss, log)
             if at_checkpoint and done < budget.steps:
                 if world.is_main:
                     save_checkpoint(ckpt_path, model, optimizer, done, fp, rows, val_rows)
@@ -385,6 +382,8 @@ def train(params: Params, paths: TrainPaths) -> dict:
         "steps": budget.steps,
         "final_train_loss": rows[-1][2] if rows else float("nan"),
         "final_val_loss": val_rows[-1][2] if val_rows else float("nan"),
+        "val_tokens_scored": len(val_starts) * params.model.seq_len,
+        "unigram_loss": round(unigram, 6),
         "tokens_per_sec": round(tokens_per_sec, 1),
         "mfu_flops_per_sec": round(tokens_per_sec * flops_per_token(params.model, budget.n_params), 1),
         "wall_seconds": round(elapsed, 2),
@@ -402,6 +401,29 @@ def train(params: Params, paths: TrainPaths) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+class LearningWatch:
+    """Warns once when, past 30% of the budget, the validation loss is still within 0.1 nats of the unigram
+    baseline: the model has learned token frequencies and nothing else."""
+
+    FROM_FRAC = 0.3
+    MARGIN = 0.1
+
+    def __init__(self, unigram: float, steps: int):
+        self.unigram, self.steps, self.warned = unigram, steps, False
+
+    def check(self, done: int, val_loss: float, log) -> bool:
+        if self.warned or done < self.FROM_FRAC * self.steps:
+            return False
+        if val_loss < self.unigram - self.MARGIN:
+            return False
+        self.warned = True
+        log(f"warning: not learning: at step {done:,} of {self.steps:,} the validation loss {val_loss:.3f} is "
+            f"within {self.MARGIN} nats of the unigram baseline {self.unigram:.3f}. Likely causes: train.lr too "
+            "high or too low, too short a warmup (train.warmup_frac, train.warmup_steps), or a post-norm model "
+            "(model.norm: post) that needs more warmup than pre-norm")
+        return True
 
 
 def _warn_if_long(log, budget: Budget, done: int, sec_per_step: float) -> None:
