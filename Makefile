@@ -37,25 +37,41 @@ test: venv  ## the test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 bench: venv  ## throughput figures + quality against a reference GPT at the quick shape -> reports/bench.json
-	$(BIN)/python -m attnlab.bench --out reports/bench.json $(subst -S ,--set ,$(QUICK_PARAMS))
+	$(BIN)/python -m benchmarks.bench --out reports/bench.json $(subst -S ,--set ,$(QUICK_PARAMS))
 
+# `make compare` and `make sweep` queue grids with DVC's own syntax (a comma list in -S is one experiment per
+# value; DVC takes the cartesian product), on top of the workspace params (+ the quick profile with QUICK=1),
+# run the queue, then render. The renderer gets the same specs (--grid, without -S) and shows exactly the
+# experiments of HEAD those grids produce; see docs/compare.md.
+PROFILE = $(if $(QUICK),$(QUICK_PARAMS))
+# seed=1,2,...,compare.seeds (params.yaml)
+COMPARE_SEEDS ?= $(shell $(BIN)/python -c 'from attnlab.core.params import load_params as p; print(",".join(str(s + 1) for s in range(p().compare.seeds)))')
+COMPARE_PE ?= model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex
+COMPARE_QKV ?= model.qkv_nonlinear_heads=[all]
 # Experiments run side by side by `make compare` (each trains its own model; 1 suits a CPU or a single GPU).
 JOBS ?= 1
 COMPARE_THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || sysctl -n hw.ncpu) / $(JOBS) )); echo $$(( n > 0 ? n : 1 )))
 compare: venv  ## every PE variant + non-linear Q/K/V, x compare.seeds, as DVC experiments -> reports/compare.html
-	$(BIN)/python -m attnlab.compare --queue $(if $(QUICK),$(QUICK_PARAMS))
+	$(if $(COMPARE_SEEDS),,$(error compare.seeds: could not read it from params.yaml))
+	dvc exp run --queue $(PROFILE) -S '$(COMPARE_PE)' -S seed=$(COMPARE_SEEDS)
+	dvc exp run --queue $(PROFILE) -S '$(COMPARE_QKV)' -S seed=$(COMPARE_SEEDS)
 	OMP_NUM_THREADS=$(COMPARE_THREADS) dvc exp run --run-all -j $(JOBS)
-	$(BIN)/python -m attnlab.compare --out reports/compare.html --figure reports/figures/compare_val_loss.png
+	$(BIN)/python -m attnlab.report.compare $(PROFILE) --grid '$(COMPARE_PE)' seed=$(COMPARE_SEEDS) \
+		--grid '$(COMPARE_QKV)' seed=$(COMPARE_SEEDS) --out reports/compare.html --figure reports/figures/compare_val_loss.png
 
 clean-venv:
 	rm -rf $(VENV)
 
-# `make sweep`: a grid of experiments run by DVC's queue with SWEEP_JOBS workers, each in its own workspace.
-# The workers share the CPU cores: each gets cores / SWEEP_JOBS threads (oversubscribed, they slow to a crawl).
-SWEEP ?= --grid model.d_model=64,128
+# `make sweep`: the SWEEP grid (dvc exp run -S specs, e.g. SWEEP="-S model.d_model=64,128 -S train.lr=0.001,0.003")
+# x SWEEP_SEEDS, run by DVC's queue with SWEEP_JOBS workers, each in its own workspace. The workers share the
+# CPU cores: each gets cores / SWEEP_JOBS threads (oversubscribed, they slow to a crawl).
+SWEEP ?= -S model.d_model=64,128
+SWEEP_SEEDS ?= $(COMPARE_SEEDS)
 SWEEP_JOBS ?= 2
 SWEEP_THREADS ?= $(shell n=$$(( $$(nproc 2>/dev/null || sysctl -n hw.ncpu) / $(SWEEP_JOBS) )); echo $$(( n > 0 ? n : 1 )))
 sweep: venv  ## queue the SWEEP grid, run it with SWEEP_JOBS workers -> reports/sweep.html
-	$(BIN)/python -m attnlab.compare --queue --prefix sweep $(SWEEP) $(if $(QUICK),$(QUICK_PARAMS))
+	$(if $(SWEEP_SEEDS),,$(error compare.seeds: could not read it from params.yaml))
+	dvc exp run --queue $(PROFILE) $(SWEEP) -S seed=$(SWEEP_SEEDS)
 	OMP_NUM_THREADS=$(SWEEP_THREADS) dvc exp run --run-all -j $(SWEEP_JOBS)
-	$(BIN)/python -m attnlab.compare --prefix sweep --out reports/sweep.html --figure reports/figures/sweep_val_loss.png
+	$(BIN)/python -m attnlab.report.compare $(PROFILE) --grid $(subst -S ,,$(SWEEP)) seed=$(SWEEP_SEEDS) \
+		--out reports/sweep.html --figure reports/figures/sweep_val_loss.png

@@ -6,10 +6,10 @@ import argparse
 import sys
 import time
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.io import write_json
-from attnlab.stats import attention_stats
+from attnlab.analysis.stats import attention_stats
+from attnlab.core.cli import run_cli
+from attnlab.core.io import write_json
+from attnlab.core.params import load_params
 
 
 def main(argv: list[str]) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.corpus import MB, build_corpus
+from attnlab.core.cli import run_cli
+from attnlab.core.params import load_params
+from attnlab.data.corpus import MB, build_corpus
 
 
 def main(argv: list[str]) -> None:

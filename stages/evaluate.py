@@ -5,10 +5,10 @@ import sys
 import time
 from pathlib import Path
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.evaluate import evaluate
-from attnlab.io import write_json, write_text
+from attnlab.analysis.evaluate import evaluate
+from attnlab.core.cli import run_cli
+from attnlab.core.io import write_json, write_text
+from attnlab.core.params import load_params
 
 
 def main(argv: list[str]) -> None:

@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.figures import FIGURES, render
+from attnlab.core.cli import run_cli
+from attnlab.core.params import load_params
+from attnlab.report.figures import FIGURES, render
 
 
 def main(argv: list[str]) -> None:

@@ -7,8 +7,8 @@ import argparse
 import sys
 import time
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
+from attnlab.core.cli import run_cli
+from attnlab.core.params import load_params
 
 
 def main(argv: list[str]) -> None:
@@ -21,15 +21,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--table", required=True, help="parquet table of every row to write")
     parser.add_argument("--figures", required=True, help="folder for the four figures")
     parser.add_argument("--samples", required=True, help="markdown file of generated samples to write")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     params = load_params(args.params)  # bad params fail here, before torch and matplotlib are imported
-    from attnlab.interventions import run_interventions
-    from attnlab.io import atomic_path, write_json, write_text
-    from attnlab.plots_interventions import write_intervention_figures
+    from attnlab.analysis.interventions import run_interventions
+    from attnlab.core.io import atomic_path, write_json, write_text
+    from attnlab.report.plots_interventions import write_intervention_figures
 
-    run = run_interventions(params, args.model, args.tokens, args.tokenizer, args.device)
+    run = run_interventions(params, args.model, args.tokens, args.tokenizer)
 
     write_json(args.metrics, run.metrics)
     with atomic_path(args.table) as tmp:

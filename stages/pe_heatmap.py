@@ -6,9 +6,9 @@ import argparse
 import sys
 import time
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.plots_pe import pe_heatmap, save_figure
+from attnlab.core.cli import run_cli
+from attnlab.core.params import load_params
+from attnlab.report.plots_pe import pe_heatmap, save_figure
 
 
 def main(argv: list[str]) -> None:

@@ -6,11 +6,11 @@ import argparse
 import sys
 import time
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.io import write_json
-from attnlab.plots_pe import plot_dimension_variance, plot_position_probe, save_figure
-from attnlab.probes import analyse_checkpoint
+from attnlab.analysis.probes import analyse_checkpoint
+from attnlab.core.cli import run_cli
+from attnlab.core.io import write_json
+from attnlab.core.params import load_params
+from attnlab.report.plots_pe import plot_dimension_variance, plot_position_probe, save_figure
 
 
 def main(argv: list[str]) -> None:
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     params = load_params(args.params)
     variance, probe = analyse_checkpoint(
-        args.model, args.tokens, params.probe.n_examples, params.probe.ridge, params.seed
+        args.model, args.tokens, params.probe.n_examples, params.probe.ridge, params.seed, params.train.device
     )
     save_figure(plot_dimension_variance(variance), args.variance_figure)
     save_figure(plot_position_probe(probe), args.probe_figure)

@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from attnlab.cli import run_cli
-from attnlab.io import write_text
-from attnlab.report import build_report, missing_inputs
+from attnlab.core.cli import run_cli
+from attnlab.core.io import write_text
+from attnlab.report.page import build_report, missing_inputs
 
 
 def main(argv: list[str]) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.tokenizer import tokenize_corpus
+from attnlab.core.cli import run_cli
+from attnlab.core.params import load_params
+from attnlab.data.tokenizer import tokenize_corpus
 
 
 def main(argv: list[str]) -> None:

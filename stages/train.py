@@ -9,14 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
 
-from attnlab.cli import run_cli
-from attnlab.config import load_params
-from attnlab.device import pick_device
-from attnlab.io import save_figure
-from attnlab.plots_train import loss_curve
-from attnlab.train import TrainPaths, check_world, dist_from_env, train
+from attnlab.core.cli import run_cli
+from attnlab.core.device import pick_device
+from attnlab.core.params import load_params
+from attnlab.training.distributed import check_world
+from attnlab.training.loop import TrainPaths, train
 
 
 def main(argv: list[str]) -> None:
@@ -28,7 +26,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metrics", default="reports/train.json")
     parser.add_argument("--step-log", default="reports/train_log.tsv")
     parser.add_argument("--val-log", default="reports/val_log.tsv")
-    parser.add_argument("--figure", default="reports/figures/loss_curve.png")
     args = parser.parse_args(argv)
     params = load_params(args.params)
 
@@ -43,9 +40,6 @@ def main(argv: list[str]) -> None:
         log=Path(args.step_log), val_log=Path(args.val_log), metrics=Path(args.metrics),
     )
     train(params, paths)
-    if dist_from_env().is_main:
-        fig = loss_curve(pd.read_csv(paths.log, sep="\t"), pd.read_csv(paths.val_log, sep="\t"))
-        save_figure(fig, args.figure)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from attnlab.model import CausalSelfAttention
+from attnlab.model.transformer import CausalSelfAttention
 
 
 def linear_rows(x: torch.Tensor, linear: torch.nn.Linear) -> list[list[list[float]]]:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnlab.capture import capture_attention
-from attnlab.checkpoint import load_model
-from attnlab.evaluate import load_processor
-from attnlab.generate import generate
-from attnlab.model import Transformer
-from attnlab.scoring import score_windows
+from attnlab.analysis.capture import capture_attention
+from attnlab.analysis.generate import generate
+from attnlab.analysis.scoring import score_windows
+from attnlab.data.tokenizer import load_tokenizer
+from attnlab.model.checkpoint import load_model
+from attnlab.model.transformer import Transformer
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Lab:
              tokenizer: str = "data/tokenizer") -> "Lab":
         root = Path(root)
         trained, _ = load_model(root / model, device)
-        return cls(trained, load_processor(root / tokenizer))
+        return cls(trained, load_tokenizer(root / tokenizer))
 
     def encode(self, text: str) -> torch.Tensor:
         """(1, T) token ids on the model's device, cropped to the model's seq_len."""

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): throughput, attention analysis cost, and quality against a reference GPT."""

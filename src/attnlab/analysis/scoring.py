@@ -1,0 +1,98 @@
+"""The one way a model is scored on tokens: mean next-token cross-entropy over windows, and its baseline.
+
+Every reported loss goes through :func:`score_batches`: the train stage's periodic validation, `evaluate`,
+the interventions (baseline and every sweep point), ``Lab.loss`` and the bench's quality reference. Which
+windows are scored is chosen by the caller with :mod:`attnlab.data` (``eval_starts`` for evaluate and the
+train stage, ``example_starts`` for the analyses), so two numbers that score different tokens can say so
+(``Score.n_tokens``).
+
+:func:`unigram_loss` is the yardstick for "did it learn": the cross-entropy of the train split's token
+frequencies (add-one smoothing over the whole vocabulary) on the same targets a model is scored on.
+
+Shapes: B batch, T sequence, V vocabulary, N tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from attnlab.data.tokens import windows
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), next-token targets (B, T), int64
+
+
+@dataclass(frozen=True)
+class Score:
+    loss: float  # mean next-token cross-entropy, nats/token
+    n_tokens: int  # target tokens scored
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 (or other) autocast on the device, or nothing for plain fp32."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def iter_batches(tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int,
+                 device: torch.device | str) -> Iterator[Batch]:
+    """Batches of windows starting at `starts`, in order, moved to the device."""
+    for i in range(0, len(starts), batch_size):
+        inputs, targets = windows(tokens, starts[i : i + batch_size], seq_len)  # (B, T) each
+        yield inputs.to(device), targets.to(device)
+
+
+@torch.no_grad()
+def score_batches(
+    model: torch.nn.Module, batches: Iterable[Batch], amp: torch.dtype | None = None,
+    after_forward: Callable[[], None] | None = None, progress: bool = False, total: int | None = None,
+) -> Score:
+    """Mean next-token loss of the model over the batches (model in eval mode). `after_forward` runs after each
+    forward pass, e.g. to read attention captured in that same pass."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens = 0
+    for inputs, targets in tqdm(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False):
+        with autocast(device, amp):
+            logits = model(inputs)  # (B, T, V)
+        loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+        n_tokens += targets.numel()
+        if after_forward is not None:
+            after_forward()
+    if n_tokens == 0:
+        raise ValueError("score_batches: no tokens to score")
+    return Score(loss=float(loss_sum.item() / n_tokens), n_tokens=n_tokens)
+
+
+def score_windows(
+    model: torch.nn.Module, tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int,
+    amp: torch.dtype | None = None, progress: bool = False,
+) -> Score:
+    """score_batches over the windows of `tokens` that start at `starts` (each seq_len + 1 tokens long)."""
+    device = next(model.parameters()).device
+    batches = iter_batches(tokens, starts, seq_len, batch_size, device)
+    return score_batches(model, batches, amp, progress=progress, total=-(-len(starts) // batch_size))
+
+
+def window_targets(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """The target ids those windows score: (len(starts) * seq_len,) in window order."""
+    idx = starts[:, None] + 1 + np.arange(seq_len)[None, :]  # (n, T)
+    return np.asarray(tokens[idx.ravel()], dtype=np.int64)
+
+
+def unigram_loss(train_tokens: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats) of the targets under the train split's token frequencies, add-one smoothed over
+    all vocab_size ids: p(v) = (count(v) + 1) / (N + V)."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64)  # (V,)
+    if len(counts) > vocab_size:
+        raise ValueError(f"train tokens hold id {len(counts) - 1}, outside the vocabulary of {vocab_size}")
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)  # (V,)
+    return float(-log_p[np.asarray(targets, dtype=np.int64)].mean())

@@ -1,0 +1,302 @@
+"""How much each attention head attends to: per-row statistics of the attention weights, streamed to parquet.
+
+For one head, example and query position t, the weights p_0..p_t over keys 0..t form a distribution:
+- entropy_bits = -sum_j p_j log2 p_j, in [0, log2(t+1)] (0 log 0 = 0, so exact 0/1 weights are safe);
+- support = 2 ** entropy_bits, the effective number of keys attended to, in [1, t+1];
+- normalized_support = support / (t + 1), in (0, 1];
+- max_weight = max_j p_j;
+- mean_distance = sum_j p_j (t - j), the expected distance back to the attended key, in tokens;
+- weight_on_first = p_0, the weight on the first token of the window.
+
+`row_stats` computes them for every row of a (B, H, T, T) tensor at once, and refuses (ValueError) a row with
+weight on keys after t rather than silently folding it in. `stream_attention_stats` runs the model over seeded
+examples of each split, batch by batch, through capture_attention; only one batch's weights are alive at a time,
+and rows go to a sink (a parquet writer) as arrow tables, so memory stays bounded whatever attention.n_examples
+is. It also accumulates each head's mean attention pattern and the summary metrics.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from attnlab.analysis.capture import capture_attention
+from attnlab.analysis.stats_files import EXAMPLES_FILE, PATTERNS_FILE, STATS_FILE
+from attnlab.core.device import pick_device
+from attnlab.core.errors import ConfigError
+from attnlab.core.io import atomic_path
+from attnlab.core.params import Params
+from attnlab.data.tokens import SPLITS, check_length, example_starts, load_tokens
+from attnlab.model.checkpoint import load_model
+from attnlab.model.transformer import Transformer
+
+STAT_NAMES = ("entropy_bits", "support", "normalized_support", "max_weight", "mean_distance", "weight_on_first")
+METRIC_NAMES = ("entropy_bits", "support", "normalized_support")  # reported as mean_<name> per split
+SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())  # pandas category
+
+
+
+# --------------------------------------------------------------------------------------- row statistics
+
+
+CAUSAL_TOLERANCE = 1e-6  # most weight a row may put on keys after its query before row_stats refuses it
+
+
+def check_causal(p: torch.Tensor) -> None:
+    """Raise ValueError naming the first row of p (..., T, T) with more than CAUSAL_TOLERANCE weight on keys after
+    its query position. NaN rows pass: row_stats returns NaN for them rather than hiding them."""
+    after = torch.triu(p, diagonal=1).abs_().sum(-1)  # (..., T) weight on keys j > t
+    bad = after > CAUSAL_TOLERANCE
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])  # (..., t) of the first offending row
+        t = index[-1]
+        raise ValueError(
+            f"attention row at index {index} (query position {t}) puts {float(after[index]):.3g} of its weight on "
+            f"keys after position {t}; row_stats needs causal rows (at most {CAUSAL_TOLERANCE:g} after the query)"
+        )
+
+
+def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of every attention row. weights (..., T, T), rows = query positions, causal, rows sum to 1.
+
+    Returns a dict of STAT_NAMES -> (..., T) float32 tensors. Vectorised: no loop over rows, heads or batch.
+    Raises ValueError if a row puts weight on keys after its query (see check_causal): the statistics are
+    defined over keys 0..t, and a non-causal row would otherwise pass silently, its entropy clamped.
+    """
+    p = weights.float()  # (..., T, T)
+    T = p.shape[-1]
+    check_causal(p)
+    position = torch.arange(T, device=p.device, dtype=torch.float32)  # (T,) query position t
+    max_bits = torch.log2(position + 1.0)  # (T,) log2(number of visible keys)
+    entropy_nats = -torch.special.xlogy(p, p).sum(-1)  # (..., T); xlogy(0, 0) = 0
+    # Rounding can step a hair outside the exact bounds [0, log2(t+1)]; NaN stays NaN (clamp keeps it).
+    entropy_bits = torch.minimum((entropy_nats / math.log(2.0)).clamp_min(0.0), max_bits)
+    support = torch.exp2(entropy_bits)
+    # One pass over the weights gives both sum_j p_j and sum_j p_j j: (..., T, T) @ (T, 2) -> (..., T, 2)
+    moments = p @ torch.stack((torch.ones_like(position), position), dim=-1)
+    mean_distance = position * moments[..., 0] - moments[..., 1]  # sum_j p_j (t - j)
+    return {
+        "entropy_bits": entropy_bits,
+        "support": support,
+        "normalized_support": support / (position + 1.0),
+        "max_weight": p.amax(-1),
+        "mean_distance": mean_distance,
+        "weight_on_first": p[..., 0],
+    }
+
+
+def offset_patterns(pattern_sums: np.ndarray) -> np.ndarray:
+    """Re-index (..., T query, T key_pos) to (..., T query, T offset t - key_pos); offsets beyond t are NaN."""
+    T = pattern_sums.shape[-1]
+    position = np.arange(T)[:, None]  # (T, 1)
+    offset = np.arange(T)[None, :]  # (1, T)
+    key_pos = position - offset  # (T, T)
+    valid = key_pos >= 0
+    out = np.take_along_axis(pattern_sums, np.broadcast_to(np.where(valid, key_pos, 0), pattern_sums.shape), -1)
+    return np.where(valid, out, np.nan)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def _int_type(max_value: int, small: pa.DataType) -> pa.DataType:
+    """`small` (int8 or int16) where max_value fits, else int32."""
+    return small if max_value <= np.iinfo(small.to_pandas_dtype()).max else pa.int32()
+
+
+def stats_schema(n_examples: int, n_layers: int, n_heads: int, seq_len: int) -> pa.Schema:
+    """Columns of stats.parquet: one row per (split, example, layer, head, position)."""
+    return pa.schema(
+        [
+            ("split", SPLIT_TYPE),
+            ("example", _int_type(n_examples - 1, pa.int16())),
+            ("layer", _int_type(n_layers - 1, pa.int8())),
+            ("head", _int_type(n_heads - 1, pa.int8())),
+            ("position", _int_type(seq_len - 1, pa.int16())),
+        ]
+        + [(name, pa.float32()) for name in STAT_NAMES]
+    )
+
+
+@dataclass
+class Summary:
+    """What the stream accumulates besides the rows."""
+
+    n_layers: int
+    n_heads: int
+    seq_len: int
+    pattern_sums: np.ndarray  # (L, H, T, T) float64 sum of attention weights over examples
+    n_patterns: int = 0  # examples summed into pattern_sums
+    stat_sums: dict = field(default_factory=dict)  # split -> {name: float sum}
+    stat_counts: dict = field(default_factory=dict)  # split -> number of rows
+    n_rows: int = 0
+
+    @property
+    def mean_patterns(self) -> np.ndarray:
+        """(L, H, T query position, T key offset t - key_pos) mean weight; NaN where the offset exceeds t."""
+        return offset_patterns(self.pattern_sums / max(self.n_patterns, 1)).astype(np.float32)
+
+    @property
+    def metrics(self) -> dict:
+        return {
+            split: {f"mean_{name}": self.stat_sums[split][name] / self.stat_counts[split] for name in METRIC_NAMES}
+            for split in self.stat_sums
+        }
+
+
+def stream_attention_stats(
+    model: Transformer,
+    examples: dict[str, torch.Tensor],
+    batch_size: int,
+    sink: Callable[[pa.Table], None],
+    progress: bool = False,
+) -> Summary:
+    """Run `model` over each split's examples (split -> (N, T) int64 token ids) in batches of `batch_size`.
+
+    Each batch's rows (ordered split, example, layer, head, position, whatever the batch size) go to
+    sink(arrow table). Only one batch's attention weights are alive at a time.
+    """
+    cfg = model.cfg
+    L, H = cfg.n_layers, cfg.n_heads
+    T = next(iter(examples.values())).shape[1]
+    device = next(model.parameters()).device
+    n_max = max(len(ex) for ex in examples.values())
+    schema = stats_schema(n_max, L, H, T)
+    summary = Summary(L, H, T, pattern_sums=np.zeros((L, H, T, T)))
+    pattern_sums = torch.zeros(L, H, T, T, dtype=torch.float64, device=device)
+    grid = _grid(L, H, T)  # layer, head, position of one example's rows, (L*H*T,) each
+    n_batches = sum(math.ceil(len(ex) / batch_size) for ex in examples.values())
+    n_done = 0
+    bar = tqdm(total=n_batches, desc="attention stats", unit="batch", disable=not progress)
+    for split_code, (split, idx) in enumerate(examples.items()):
+        sums = {name: 0.0 for name in STAT_NAMES}
+        for first in range(0, len(idx), batch_size):
+            batch = idx[first : first + batch_size].to(device)  # (B, T)
+            B = batch.shape[0]
+            with torch.inference_mode(), capture_attention(model) as cache:
+                model(batch)
+                per_layer = []
+                for layer in range(L):
+                    weights = cache.pop(layer)  # (B, H, T, T); freed once its stats are taken
+                    pattern_sums[layer] += weights.sum(0).double()  # (H, T, T)
+                    per_layer.append(row_stats(weights))
+                    del weights
+            stats = {name: torch.stack([s[name] for s in per_layer], 1) for name in STAT_NAMES}  # (B, L, H, T)
+            columns = {name: stats[name].reshape(-1).cpu().numpy() for name in STAT_NAMES}
+            for name in STAT_NAMES:
+                sums[name] += float(columns[name].sum(dtype=np.float64))
+            n = B * L * H * T
+            example = np.repeat(np.arange(first, first + B), L * H * T)
+            table = pa.table(
+                {
+                    "split": pa.DictionaryArray.from_arrays(
+                        pa.array(np.full(n, split_code, dtype=np.int8)), pa.array(list(examples))
+                    ),
+                    "example": example,
+                    "layer": np.tile(grid[0], B),
+                    "head": np.tile(grid[1], B),
+                    "position": np.tile(grid[2], B),
+                    **columns,
+                }
+            ).cast(schema)
+            sink(table)
+            del table, columns, stats, per_layer
+            n_done += 1
+            if n_done % TRIM_EVERY == 0:
+                release_freed_memory()
+            summary.n_rows += n
+            summary.n_patterns += B
+            bar.update(1)
+        summary.stat_sums[split] = sums
+        summary.stat_counts[split] = len(idx) * L * H * T
+    bar.close()
+    summary.pattern_sums = pattern_sums.cpu().numpy()
+    return summary
+
+
+TRIM_EVERY = 8  # batches between returns of freed heap memory to the OS
+
+
+def release_freed_memory() -> bool:
+    """Hand freed heap pages back to the OS (glibc malloc_trim); no-op, returning False, elsewhere.
+
+    Each batch frees tens of MB of attention tensors, while the parquet writer keeps small allocations (row
+    group metadata) alive between them; glibc then cannot shrink its heap and the process grows with every
+    batch written (measured: about +20 MB per 64 examples at seq_len 256). Trimming every TRIM_EVERY batches
+    keeps peak memory flat in n_examples, at the cost of re-faulting those pages once per TRIM_EVERY batches.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _grid(L: int, H: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    layer, head, position = np.meshgrid(np.arange(L), np.arange(H), np.arange(T), indexing="ij")  # (L, H, T)
+    return layer.reshape(-1), head.reshape(-1), position.reshape(-1)
+
+
+def select_examples(tokens: np.ndarray, seq_len: int, n_examples: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The fixed, seeded examples of one split: start offsets (N,) and token ids (N, T) int64."""
+    starts = example_starts(len(tokens), seq_len, n_examples, seed)
+    idx = starts[:, None] + np.arange(seq_len)[None, :]  # (N, T)
+    return starts, torch.from_numpy(tokens[idx].astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------- stage
+
+
+def attention_stats(params: Params, model_path: str | Path, tokens_dir: str | Path, out_dir: str | Path) -> dict:
+    """The attention_stats stage: writes out_dir/{stats.parquet, mean_patterns.npy, examples.npz}.
+
+    Returns the metrics {split: {mean_entropy_bits, mean_support, mean_normalized_support}} and a few counts.
+    """
+    cfg = params.attention
+    model, _ = load_model(model_path, pick_device(params.train.device))
+    T = model.cfg.seq_len  # the model file's shape, never params.yaml model.*
+    tokens = {split: load_tokens(tokens_dir, split) for split in SPLITS}
+    for split, toks in tokens.items():
+        check_length(toks, T, split)
+        if int(toks.max()) >= model.vocab_size:
+            raise ConfigError(
+                str(Path(tokens_dir) / f"{split}.bin"),
+                f"holds token id {int(toks.max())} but the model's vocabulary has {model.vocab_size} ids: "
+                "the model and the token files come from different tokenizers",
+            )
+    starts, examples = {}, {}
+    for split in SPLITS:
+        starts[split], examples[split] = select_examples(tokens[split], T, cfg.n_examples, params.seed)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema = stats_schema(cfg.n_examples, model.cfg.n_layers, model.cfg.n_heads, T)
+    with atomic_path(out_dir / STATS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        summary = stream_attention_stats(model, examples, cfg.batch_size, writer.write_table, progress=True)
+    with atomic_path(out_dir / PATTERNS_FILE) as tmp, open(tmp, "wb") as f:
+        np.save(f, summary.mean_patterns)
+    with atomic_path(out_dir / EXAMPLES_FILE) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            splits=np.array(SPLITS),
+            starts=np.stack([starts[s] for s in SPLITS]),  # (2, N)
+            tokens=np.stack([examples[s].numpy().astype(np.uint16) for s in SPLITS]),  # (2, N, T)
+        )
+    return {
+        "metrics": summary.metrics,
+        "n_rows": summary.n_rows,
+        "seq_len": T,
+        "n_layers": model.cfg.n_layers,
+        "n_heads": model.cfg.n_heads,
+    }

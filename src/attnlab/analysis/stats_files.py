@@ -1,0 +1,30 @@
+"""The files of the attention_stats stage (data/attention/) and their loaders, without importing torch, so the
+figure and report stages start fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from attnlab.core.errors import ConfigError
+
+STATS_FILE = "stats.parquet"  # one row per (split, example, layer, head, position)
+PATTERNS_FILE = "mean_patterns.npy"  # (L, H, T query position, T key offset) float32, NaN beyond the position
+EXAMPLES_FILE = "examples.npz"  # splits (2,), starts (2, N), tokens (2, N, T) uint16
+
+
+def load_stats(attention_dir: str | Path) -> pd.DataFrame:
+    path = Path(attention_dir) / STATS_FILE
+    if not path.exists():
+        raise ConfigError(str(path), "attention statistics not found: run the attention_stats stage first")
+    return pq.read_table(path).to_pandas()
+
+
+def load_mean_patterns(attention_dir: str | Path) -> np.ndarray:
+    path = Path(attention_dir) / PATTERNS_FILE
+    if not path.exists():
+        raise ConfigError(str(path), "mean attention patterns not found: run the attention_stats stage first")
+    return np.load(path)

@@ -1,0 +1,99 @@
+"""Positional encodings: the sinusoidal table, RoPE (per head or over the whole model dimension) and the
+original study's complex-valued sketch. A new variant goes here, and into model.pe's choices (core.params).
+
+Shapes: T sequence, D d_model, Dh head dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+# ------------------------------------------------------------------------------------ positional encodings
+
+
+def sinusoidal_table(seq_len: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Vaswani et al.: PE[t, 2i] = sin(t / base^(2i/dim)), PE[t, 2i+1] = cos(t / base^(2i/dim)). (T, dim)"""
+    positions = torch.arange(seq_len, dtype=torch.float64)[:, None]  # (T, 1)
+    freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angles = positions * freqs  # (T, dim/2)
+    table = torch.zeros(seq_len, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table.float()
+
+
+def rope_angles(seq_len: int, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of t * theta_i, theta_i = base^(-2i/dim), for pairs i < dim/2. Each (T, dim/2)."""
+    freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * freqs  # (T, dim/2)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) at position t by the angle t * theta_i.
+
+    As complex numbers z_i = x[2i] + j x[2i+1], this is z_i * e^{j t theta_i}, so that
+    <rope(q, s), rope(k, t)> depends on s and t only through s - t.
+    x: (..., T, dim); cos, sin: (T, dim/2). Returns the same shape and dtype as x.
+    """
+    work = torch.promote_types(x.dtype, torch.float32)  # complex needs fp32/fp64: bf16 goes up, fp64 stays
+    z = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)))  # (..., T, dim/2) complex
+    turn = torch.complex(cos.to(work), sin.to(work))  # (T, dim/2) e^{j t theta_i}
+    return torch.view_as_real(z * turn).flatten(-2).to(x.dtype)  # (..., T, dim)
+
+
+def complex_pe_angles(seq_len: int, d_model: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.pe=complex: cos and sin of t * theta_i with theta_i = base^(-2i/D), pairs i < D/2. Each (T, D/2).
+
+    The original study's sketch: token vectors are real, position makes them complex, the Q/K projections stay
+    real but multiply as complex matrices, and the softmax takes the real part. In each attention layer:
+
+    - x_t in R^D is the layer's input at position t; z_t in C^(D/2) its pairs, z_t[i] = x_t[2i] + j x_t[2i+1].
+    - Position: u_t[i] = z_t[i] * e^(j t theta_i) (apply_rope over all D dims, before the projections).
+    - Projections: q_t = W_q u_t, k_t = W_k u_t with real W_q, W_k of shape (D/2, D/2), no bias
+      (complex_linear: Re and Im are each multiplied by W). Head h owns the complex rows
+      R_h = [h Dh/2, (h+1) Dh/2), stored as Dh interleaved real numbers. V = W_v x_t + b_v stays real.
+    - Scores: S_h(s, t) = Re(sum_{r in R_h} q_s[r] conj(k_t[r])) / sqrt(Dh). This is the plain real dot
+      product of the interleaved vectors, so the explicit path and SDPA compute it unchanged.
+
+    With M_h = W_q[R_h]^T W_k[R_h] (real, (D/2, D/2)) the score expands to
+        sqrt(Dh) S_h(s, t) = sum_{a, b} M_h[a, b] Re(z_s[a] conj(z_t[b]) e^(j (s theta_a - t theta_b))),
+    and s theta_a - t theta_b = (s - t) theta_a + t (theta_a - theta_b). The a = b terms depend on position
+    only through s - t; an a != b term also depends on the absolute t, since all theta_i differ. So:
+    - relative only (shifting the whole input by d positions shifts the scores by d) exactly when every M_h is
+      diagonal, e.g. W_q = W_k = I, or both diagonal. A general W mixes pairs of different frequencies, and
+      the scores then carry absolute position too: unlike rope, which rotates after the projection, per head.
+    - always: turning every pair of every token by one common angle phi leaves all scores unchanged
+      (q and k both gain e^(j phi), which the conjugate cancels), because W is complex-linear.
+    """
+    return rope_angles(seq_len, d_model, base)
+
+
+def complex_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A real matrix W applied as a complex matmul: q = W z, i.e. Re(q) = W Re(z) and Im(q) = W Im(z).
+
+    x holds n complex numbers as interleaved pairs, z_i = x[2i] + j x[2i+1]; weight is real (m, n); the
+    result holds m complex numbers the same way. As a real map this is W (x) I_2: it never mixes the real and
+    imaginary parts of a number, only numbers with each other. x: (..., 2n) -> (..., 2m).
+    """
+    parts = x.unflatten(-1, (-1, 2)).transpose(-1, -2)  # (..., 2, n): row 0 real parts, row 1 imaginary parts
+    out = parts @ weight.t()  # (..., 2, m)
+    return out.transpose(-1, -2).flatten(-2)  # (..., 2m) interleaved again
+
+
+class ComplexLinear(nn.Module):
+    """Q or K of model.pe=complex: a real (D/2, D/2) weight acting on D/2 complex numbers, no bias.
+
+    A bias would add a constant that the position phases never rotate, so it is left out.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_model // 2, d_model // 2))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return complex_linear(x, self.weight)  # (B, T, D)
+
+

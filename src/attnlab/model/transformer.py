@@ -1,0 +1,289 @@
+"""The transformer, written from scratch: the whole forward pass lives in this file.
+
+Reads top to bottom: positional encodings, HookPoint, CausalSelfAttention, MLP, Block, Transformer.
+No nn.MultiheadAttention or nn.Transformer*: each attention layer has its own Q/K/V/output projections.
+
+Attention has two paths with the same result:
+- fused: torch.nn.functional.scaled_dot_product_attention (used for training and plain inference);
+- explicit: scores -> causal mask -> softmax -> weights @ V, with the scores and weights passed through
+  named identity modules (``hook_scores``, ``hook_pattern``) so that attnlab.capture can read or edit them.
+The explicit path runs whenever a hook is registered on those points, or ``force_explicit`` is set; the
+model's forward signature and return type never change.
+
+Shapes: B batch, T sequence, D d_model, H heads, Dh head dimension, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attnlab.core.params import ModelConfig, parse_head_selector
+from attnlab.model.positional import (
+    ComplexLinear,
+    apply_rope,
+    complex_pe_angles,
+    rope_angles,
+    sinusoidal_table,
+)
+
+# ------------------------------------------------------------------------------------------------- hooks
+
+
+class HookPoint(nn.Identity):
+    """A named identity on an activation: forward hooks registered here read or replace the activation."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks) or bool(self._forward_pre_hooks)
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+class Projection(nn.Module):
+    """Q, K or V for all heads: a linear map, or for chosen heads a small GELU MLP (model.qkv_nonlinear_*).
+
+    The linear map produces only the other heads' slices, so every parameter is used. The chosen heads' MLPs
+    run batched: chosen head n gives gelu(x @ mlp_in_weight[n] + mlp_in_bias[n]) @ mlp_out_weight[n]
+    + mlp_out_bias[n]. Output (B, T, D), heads laid out as H consecutive slices of Dh.
+    """
+
+    def __init__(self, cfg: ModelConfig, nonlinear_heads: list[int]):
+        super().__init__()
+        D, Dh, H, hidden = cfg.d_model, cfg.d_head, cfg.n_heads, cfg.qkv_nonlinear_hidden
+        self.d_head = Dh
+        self.nonlinear_heads = sorted(set(nonlinear_heads))
+        self.linear_heads = [head for head in range(H) if head not in self.nonlinear_heads]
+        self.linear = nn.Linear(D, len(self.linear_heads) * Dh) if self.linear_heads else None
+        n = len(self.nonlinear_heads)
+        if n:
+            self.mlp_in_weight = nn.Parameter(torch.randn(n, D, hidden) * 0.02)
+            self.mlp_in_bias = nn.Parameter(torch.zeros(n, hidden))
+            self.mlp_out_weight = nn.Parameter(torch.randn(n, hidden, Dh) * 0.02)
+            self.mlp_out_bias = nn.Parameter(torch.zeros(n, Dh))
+            # the linear heads come first, then the MLP heads; head_order puts them back in head order
+            order = torch.argsort(torch.tensor(self.linear_heads + self.nonlinear_heads))
+            self.register_buffer("head_order", order, persistent=False)  # (H,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.nonlinear_heads:
+            return self.linear(x)  # (B, T, D)
+        B, T, _ = x.shape
+        hidden = F.gelu(torch.einsum("btd,ndf->btnf", x, self.mlp_in_weight) + self.mlp_in_bias)  # (B, T, n, F)
+        heads = torch.einsum("btnf,nfe->btne", hidden, self.mlp_out_weight) + self.mlp_out_bias  # (B, T, n, Dh)
+        if self.linear is not None:
+            linear = self.linear(x).view(B, T, len(self.linear_heads), self.d_head)  # (B, T, H - n, Dh)
+            heads = torch.cat((linear, heads), dim=2)  # (B, T, H, Dh), linear heads first
+        return heads[:, :, self.head_order].flatten(2)  # (B, T, D) in head order
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.d_head, self.d_model = cfg.n_heads, cfg.d_head, cfg.d_model
+        self.pe = cfg.pe
+        nonlinear = _nonlinear_heads(cfg, layer)
+        if cfg.pe == "complex":  # config.py rejects a non-linear Q/K here
+            self.q_proj, self.k_proj = ComplexLinear(cfg.d_model), ComplexLinear(cfg.d_model)
+        else:
+            self.q_proj = Projection(cfg, nonlinear if "q" in cfg.qkv_nonlinear_parts else [])
+            self.k_proj = Projection(cfg, nonlinear if "k" in cfg.qkv_nonlinear_parts else [])
+        self.v_proj = Projection(cfg, nonlinear if "v" in cfg.qkv_nonlinear_parts else [])
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+        self.force_explicit = False  # set by capture/edit helpers that need the explicit path without hooks
+
+        self.hook_scores = HookPoint()  # (B, H, T, T) scaled scores, -inf above the diagonal
+        self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights, rows sum to 1
+        self.hook_head_out = HookPoint()  # (B, H, T, Dh) each head's output before the output projection
+
+        if cfg.pe in ("rope", "rope_model_dim"):
+            rope_dim = cfg.d_head if cfg.pe == "rope" else cfg.d_model
+            cos, sin = rope_angles(cfg.seq_len, rope_dim, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (T, rope_dim/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.pe == "complex":
+            cos, sin = complex_pe_angles(cfg.seq_len, cfg.d_model, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (T, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def explicit(self) -> bool:
+        return self.force_explicit or self.hook_scores.active or self.hook_pattern.active
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        H, Dh = self.n_heads, self.d_head
+        if self.pe == "complex":  # position t turns pair i of the token vector by t * theta_i, then W q/k
+            x_pos = apply_rope(x, self.rope_cos[:T], self.rope_sin[:T])  # (B, T, D) D/2 complex numbers
+            q, k = self.q_proj(x_pos), self.k_proj(x_pos)  # (B, T, D) each, complex as interleaved pairs
+            v = self.v_proj(x)  # (B, T, D) real, without position
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
+        if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
+            q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
+            k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
+        q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        v = v.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        if self.pe == "rope":  # per head: scores depend on relative position only
+            q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
+            k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
+
+        dropout_p = self.dropout if self.training else 0.0
+        if self.explicit:
+            out = self._explicit_attention(q, k, v, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, H, T, Dh)
+        out = self.hook_head_out(out)  # (B, H, T, Dh)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out_proj(out)
+
+    def _explicit_attention(self, q, k, v, dropout_p: float) -> torch.Tensor:
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) key <= query
+        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = self.hook_scores(scores)  # (B, H, T, T)
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 up to fp32; fp64 stays fp64
+        pattern = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)  # (B, H, T, T)
+        pattern = self.hook_pattern(pattern)
+        if dropout_p:
+            pattern = F.dropout(pattern, p=dropout_p)
+        return pattern @ v  # (B, H, T, Dh)
+
+
+def _nonlinear_heads(cfg: ModelConfig, layer: int) -> list[int]:
+    chosen = set()
+    for spec in cfg.qkv_nonlinear_heads:
+        chosen.update(parse_head_selector(spec, cfg.n_layers, cfg.n_heads, "model.qkv_nonlinear_heads"))
+    return sorted(head for (lay, head) in chosen if lay == layer)
+
+
+# ------------------------------------------------------------------------------------------ MLP and block
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """post-norm (the original study): x = ln(x + f(x)); pre-norm: x = x + f(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_resid_post = HookPoint()  # (B, T, D) the residual stream after this block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.drop(self.attn(self.ln1(x)))
+            x = x + self.drop(self.mlp(self.ln2(x)))
+        else:
+            x = self.ln1(x + self.drop(self.attn(x)))
+            x = self.ln2(x + self.drop(self.mlp(x)))
+        return self.hook_resid_post(x)
+
+
+# ------------------------------------------------------------------------------------------- transformer
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. forward(idx: (B, T) int64) -> logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        D = cfg.d_model
+        self.tok_emb = nn.Embedding(vocab_size, D)  # tied with the output head
+        if cfg.pe == "learned":
+            self.pos_emb = nn.Embedding(cfg.seq_len, D)
+        if cfg.pe == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.seq_len, D), persistent=False)  # (T, D)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(D) if cfg.norm == "pre" else nn.Identity()
+        self.hook_embed = HookPoint()  # (B, T, D) token (+ absolute position) embedding
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # LayerNorm weight
+                nn.init.ones_(p)
+            elif name.endswith("out_proj.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))  # GPT-2 residual scaling
+            else:
+                nn.init.normal_(p, std=0.02)
+        # std 0.02 as GPT-2: through the tied head a unit-norm residual still holding its own token's embedding
+        # predicts that token with logit |e| * sqrt(D); at std D^-0.5 that is sqrt(D) and post-norm models stall
+        # at the unigram loss, at 0.02 it is ~0.02 * D.
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+
+    @property
+    def attention_layers(self) -> list[CausalSelfAttention]:
+        return [block.attn for block in self.blocks]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        x = self.tok_emb(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
+        if self.cfg.pe == "learned":
+            x = x + self.pos_emb.weight[:T]
+        elif self.cfg.pe == "sinusoidal":
+            x = x + self.pos_table[:T]
+        x = self.hook_embed(self.drop(x))
+        for block in self.blocks:
+            x = block(x)  # (B, T, D)
+        x = self.ln_f(x)
+        return x @ self.tok_emb.weight.t()  # (B, T, V) tied head
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
+def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
+    """Closed-form parameter count (tied embedding counted once); tests check it against the module."""
+    D, F_, L, Hn, Dh = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.qkv_nonlinear_hidden, cfg.d_head
+    per_layer = 4 * (D * D + D)  # q, k, v, out projections with biases
+    if cfg.pe == "complex":  # q and k: one real (D/2, D/2) weight each, no bias
+        per_layer += 2 * ((D // 2) ** 2 - (D * D + D))
+    per_layer += D * F_ + F_ + F_ * D + D  # MLP
+    per_layer += 2 * 2 * D  # two LayerNorms
+    total = vocab_size * D + L * per_layer
+    if cfg.pe == "learned":
+        total += cfg.seq_len * D
+    if cfg.norm == "pre":
+        total += 2 * D
+    # each non-linear head swaps its Dh rows of the linear map (weights and biases) for a GELU MLP
+    head_mlp = D * Hn + Hn + Hn * Dh + Dh
+    head_linear = Dh * D + Dh
+    n_nonlinear = sum(len(_nonlinear_heads(cfg, layer)) for layer in range(L))
+    total += n_nonlinear * len(cfg.qkv_nonlinear_parts) * (head_mlp - head_linear)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int) -> int:
+    """Training FLOPs per token: 6 * params + 12 * layers * seq_len * d_model (attention scores)."""
+    return 6 * n_params + 12 * cfg.n_layers * cfg.seq_len * cfg.d_model

@@ -1,0 +1,128 @@
+"""Figures of the interventions stage: the results table (attnlab.interventions.results_table) in, a Figure out.
+
+Each function draws one figure and returns it; :func:`save_figure` writes it atomically at a fixed DPI.
+Columns used: kind, setting, layer, head, loss (nats/token), mean_entropy_bits, delta (loss - baseline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from attnlab.report import registry  # noqa: E402
+from attnlab.report.style import save_figure  # noqa: E402
+
+STYLE = "whitegrid"
+
+# (file name, caption) of each figure the interventions stage writes, from the registry (attnlab.report.registry).
+INTERVENTION_FIGURES = [(f.name, f.caption) for f in registry.of_stage("interventions")]
+
+
+def _rows(table: pd.DataFrame, kind: str) -> pd.DataFrame:
+    rows = table[table["kind"] == kind]
+    if rows.empty:
+        raise ValueError(f"the results table has no {kind!r} rows")
+    return rows
+
+
+def _baseline(table: pd.DataFrame) -> float:
+    return float(_rows(table, "baseline")["loss"].iloc[0])
+
+
+def plot_temperature(table: pd.DataFrame) -> Figure:
+    """Loss and mean attention entropy against tau (log x), all heads at once."""
+    rows = _rows(table, "temperature").assign(tau=lambda d: d["setting"].astype(float)).sort_values("tau")
+    baseline = _rows(table, "baseline").iloc[0]
+    with sns.axes_style(STYLE):
+        fig, (ax_loss, ax_ent) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+        ax_loss.plot(rows["tau"], rows["loss"], marker="o", label="all heads at tau")
+        ax_loss.axhline(baseline["loss"], color="gray", linestyle="--", label="baseline (tau = 1)")
+        ax_loss.set(ylabel="validation loss (nats/token)", title="Loss vs attention temperature")
+        ax_ent.plot(rows["tau"], rows["mean_entropy_bits"], marker="o", color="tab:orange", label="all heads at tau")
+        ax_ent.axhline(baseline["mean_entropy_bits"], color="gray", linestyle="--", label="baseline (tau = 1)")
+        ax_ent.set(ylabel="mean attention entropy (bits)", title="Attention entropy vs temperature")
+        for ax in (ax_loss, ax_ent):
+            ax.set_xscale("log")
+            ax.set_xlabel("temperature tau (scores / tau, log scale)")
+            ax.set_xticks(rows["tau"].tolist(), [f"{t:g}" for t in rows["tau"]])
+            ax.minorticks_off()
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.legend()
+        fig.tight_layout()
+    return fig
+
+
+def plot_top_k(table: pd.DataFrame) -> Figure:
+    """Loss against k (log2 x), all heads keeping their k largest scores."""
+    rows = _rows(table, "top_k").assign(k=lambda d: d["setting"].astype(int)).sort_values("k")
+    with sns.axes_style(STYLE):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        ax.plot(rows["k"], rows["loss"], marker="o", label="all heads top-k")
+        ax.axhline(_baseline(table), color="gray", linestyle="--", label="baseline (softmax over all keys)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(rows["k"].tolist(), [str(k) for k in rows["k"]])
+        ax.minorticks_off()
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set(
+            xlabel="k, keys kept per query (log2 scale)",
+            ylabel="validation loss (nats/token)",
+            title="Loss vs top-k attention",
+        )
+        ax.legend()
+        fig.tight_layout()
+    return fig
+
+
+def plot_head_importance(table: pd.DataFrame) -> Figure:
+    """Layer x head heatmap of the loss increase when mean-ablating that head alone, annotated."""
+    rows = _rows(table, "mean_ablate")
+    grid = rows.pivot(index="layer", columns="head", values="delta").sort_index().sort_index(axis=1)  # (L, H)
+    with sns.axes_style("white"):
+        n_layers, n_heads = grid.shape
+        fig, ax = plt.subplots(figsize=(1.3 * n_heads + 2.5, 0.9 * n_layers + 1.8))
+        sns.heatmap(
+            grid.astype(float),
+            annot=True,
+            fmt="+.3g",  # 3 significant digits: tiny and large increases both readable
+            cmap="vlag",
+            center=0.0,
+            cbar_kws={"label": "loss increase (nats/token)"},
+            ax=ax,
+        )
+        ax.set(xlabel="head", ylabel="layer", title="Head importance: loss increase when mean-ablated")
+        fig.tight_layout()
+    return fig
+
+
+def plot_uniform(table: pd.DataFrame) -> Figure:
+    """Bars: baseline, all heads uniform, and each layer's heads uniform (one layer at a time)."""
+    layers = _rows(table, "uniform_layer").assign(layer_n=lambda d: d["setting"].astype(int)).sort_values("layer_n")
+    labels = ["baseline", "all heads\nuniform"] + [f"layer {n}\nuniform" for n in layers["layer_n"]]
+    losses = [_baseline(table), float(_rows(table, "uniform_all")["loss"].iloc[0])] + layers["loss"].tolist()
+    colors = ["tab:gray", "tab:red"] + ["tab:blue"] * len(layers)
+    with sns.axes_style(STYLE):
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels) + 1.5), 4.2))
+        bars = ax.bar(labels, losses, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in losses], padding=2)
+        ax.set(ylabel="validation loss (nats/token)", title="Uniform attention: loss vs the trained model")
+        ax.set_ylim(0, max(losses) * 1.12)
+        fig.tight_layout()
+    return fig
+
+
+def write_intervention_figures(table: pd.DataFrame, figures_dir: str | Path) -> list[Path]:
+    """Draw and save the figures of INTERVENTION_FIGURES (each with its registry draw function) into figures_dir;
+    returns their paths."""
+    paths = []
+    for figure in registry.of_stage("interventions"):
+        path = Path(figures_dir) / figure.name
+        save_figure(registry.draw_function(figure)(table), path)
+        paths.append(path)
+    return paths

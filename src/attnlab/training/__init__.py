@@ -1,0 +1,3 @@
+"""Training: the loop (set-up, one step, logging/checkpointing, finish), the token budget and lr schedule,
+resumable checkpoints and data parallelism under torchrun. Stage: train.
+"""

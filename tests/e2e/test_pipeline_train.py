@@ -1,0 +1,95 @@
+"""End to end on real dvc: train + evaluate outputs and metrics, experiments, branches, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import merge
+from builders import kill_when_checkpoint_appears
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+
+DATA_STAGES = ("corpus", "tokenizer", "tokenize")
+EVAL_KEYS = {"val_loss", "val_ppl", "val_bpb", "n_params", "train_tokens", "tokens_per_param", "tokens_per_sec",
+             "device"}
+
+
+def read_json(project, rel):
+    return json.loads((project.path / rel).read_text())
+
+
+def test_repro_trains_evaluates_and_reports_every_metric(dvc_project):
+    p = dvc_project.path
+    for rel in ("models/model.pt", "models/checkpoints/ckpt.pt", "reports/figures/loss_curve.png",
+                "reports/samples.md", "reports/train_log.tsv", "reports/val_log.tsv"):
+        assert (p / rel).exists(), rel
+    shown = json.loads(dvc_project.dvc("metrics", "show", "--json").stdout)
+    metrics = shown[""]["data"]["reports/eval.json"]["data"]
+    assert EVAL_KEYS <= set(metrics)
+    assert metrics["device"] == "cpu"
+    assert 0 < metrics["val_loss"] < 8 and metrics["val_bpb"] > 0
+    samples = (p / "reports/samples.md").read_text()
+    assert samples.count("```python") == 3
+
+
+def test_an_experiment_on_model_params_reruns_train_onwards_but_not_the_data_stages(dvc_project):
+    """Also the end-to-end run of a non-default PE variant (the study's complex-valued sketch)."""
+    result = dvc_project.dvc("exp", "run", "--temp", "-n", "complex-pe", "-S", "model.d_model=48",
+                             "-S", "model.n_heads=4", "-S", "model.pe=complex")
+    for stage in DATA_STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in result.stdout
+    for stage in ("train", "evaluate", "attention_stats", "interventions", "position_analysis", "report"):
+        assert f"Running stage '{stage}'" in result.stdout, stage
+    table = json.loads(dvc_project.dvc("exp", "show", "--json").stdout)
+    experiments = [exp for row in table for exp in (row.get("experiments") or [])]
+    assert "complex-pe" in [exp.get("name") for exp in experiments]
+    [ours] = [exp for exp in experiments if exp.get("name") == "complex-pe"]
+    metrics = ours["revs"][0]["data"]["metrics"]["reports/eval.json"]["data"]
+    assert metrics["val_loss"] > 0
+
+
+def test_branches_with_different_params_show_a_val_loss_change_in_metrics_diff(dvc_project):
+    run = dvc_project.run
+    run(["git", "add", "-A"])
+    run(["git", "commit", "-q", "-m", "results of the tiny run"])
+    base = run(["git", "rev-parse", "--abbrev-ref", "HEAD"]).stdout.strip()
+    run(["git", "checkout", "-q", "-b", "higher-lr"])
+    try:
+        dvc_project.write_params(merge(dvc_project.read_params(), {"train": {"lr": 0.01}}))
+        dvc_project.dvc("repro")
+        run(["git", "add", "-A"])
+        run(["git", "commit", "-q", "-m", "lr 0.01"])
+        diff = json.loads(dvc_project.dvc("metrics", "diff", base, "higher-lr", "--json").stdout)
+        assert "val_loss" in diff["reports/eval.json"]
+        change = diff["reports/eval.json"]["val_loss"]
+        assert change["old"] != change["new"]
+    finally:
+        run(["git", "checkout", "-q", base])
+        dvc_project.dvc("checkout", "--force")
+    assert not json.loads(dvc_project.dvc("status", "--json").stdout or "{}")
+
+
+def test_a_killed_train_stage_resumes_under_dvc_repro_and_matches_the_uninterrupted_run(dvc_project):
+    p = dvc_project.path
+    reference = read_json(dvc_project, "reports/train.json")
+    (p / "models/checkpoints/ckpt.pt").unlink()  # the finished run's checkpoint: start this one from zero
+    steps = reference["steps"]
+    every = max(1, round(0.1 * steps))  # train.checkpoint_every_frac = 0.1
+    assert steps >= 5 * every  # the first checkpoint comes well before the end, so the kill lands mid-run
+    # dvc and the stage's python under it SIGKILLed from outside once the first checkpoint is on disk
+    killed = kill_when_checkpoint_appears([*dvc_project.dvc_cmd, "repro", "--force", "--single-item", "train"],
+                                          p / "models/checkpoints/ckpt.pt", cwd=p, env=dvc_project.env, timeout=900)
+    assert killed.returncode == -9, killed.stderr
+    assert (p / "models/checkpoints/ckpt.pt").exists()
+    assert not (p / "models/model.pt").exists()
+
+    resumed = dvc_project.dvc("repro")
+    assert "Running stage 'train'" in resumed.stdout
+    assert "resuming from checkpoint at step" in resumed.stderr + resumed.stdout
+    result = read_json(dvc_project, "reports/train.json")
+    assert 0 < result["resumed_from_step"] < steps and result["resumed_from_step"] % every == 0
+    for key in ("final_train_loss", "final_val_loss", "n_params", "train_tokens"):
+        assert result[key] == pytest.approx(reference[key], abs=1e-4), key
+    steps_logged = [int(line.split("\t")[0]) for line in (p / "reports/train_log.tsv").read_text().splitlines()[1:]]
+    assert steps_logged == list(range(steps))

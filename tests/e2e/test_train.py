@@ -1,0 +1,136 @@
+"""The training loop: schedule, budget, device choice, determinism, kill-and-resume, non-finite loss."""
+
+import json
+import math
+import re
+
+import pandas as pd
+import pytest
+import torch
+from builders import (
+    TINY_TRAIN_PARAMS,
+    kill_when_checkpoint_appears,
+    run_stage,
+    stage_command,
+    stage_env,
+    write_params,
+    write_tokens,
+)
+
+from attnlab.core.device import pick_device
+from attnlab.core.errors import ConfigError
+from attnlab.core.params import TrainConfig, load_params
+from attnlab.training.schedule import Budget, lr_at, make_budget
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=0.1)
+    budget = Budget(n_params=1, total_tokens=101, steps=101, tokens_per_step=1, warmup_steps=10)  # steps 0..100
+    assert lr_at(0, budget, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, budget, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, budget, cfg) == pytest.approx(1e-3)
+    midway = 10 + 45
+    assert lr_at(midway, budget, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, budget, cfg) == pytest.approx(1e-4)
+    values = [lr_at(s, budget, cfg) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_budget_follows_tokens_per_param_unless_max_tokens_is_set(tmp_path):
+    params = load_params(write_params(tmp_path / "p.yaml", {"train": {"tokens_per_param": 20}}))
+    budget = make_budget(params, params.tokenizer.vocab_size)
+    assert budget.total_tokens == pytest.approx(20 * budget.n_params, rel=0.01)
+    assert budget.total_tokens % budget.tokens_per_step == 0
+    params = load_params(write_params(tmp_path / "q.yaml", {"train": {"max_tokens": 100_000}}))
+    budget = make_budget(params, params.tokenizer.vocab_size)
+    assert budget.steps == 100_000 // (32 * 512)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_explicit_device_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        pick_device("cuda")
+    assert err.value.key == "train.device"
+    assert pick_device("auto").type in ("cpu", "mps")
+
+
+def _train_args(tmp_path, name, extra=None):
+    overrides = json.loads(json.dumps(TINY_TRAIN_PARAMS))
+    for section, values in (extra or {}).items():
+        overrides.setdefault(section, {}).update(values)
+    write_params(tmp_path / "params.yaml", overrides)
+    return ["--params", "params.yaml", "--tokens", "tokens", "--model", f"{name}/model.pt",
+            "--checkpoints", f"{name}/checkpoints", "--metrics", f"{name}/train.json", "--step-log", f"{name}/log.tsv",
+            "--val-log", f"{name}/val.tsv"]
+
+
+def _train(tmp_path, name, extra=None):
+    return run_stage("train.py", *_train_args(tmp_path, name, extra), cwd=tmp_path), tmp_path / name
+
+
+def _train_killed(tmp_path, name):
+    """Start a run and SIGKILL it from outside once its first checkpoint is on disk, as a dying machine would."""
+    cmd = stage_command("train.py", *_train_args(tmp_path, name))
+    killed = kill_when_checkpoint_appears(cmd, tmp_path / name / "checkpoints" / "ckpt.pt", cwd=tmp_path,
+                                          env=stage_env())
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / name / "model.pt").exists()
+    return killed
+
+
+def _loss_metrics(out):
+    metrics = json.loads((out / "train.json").read_text())
+    return {k: metrics[k] for k in ("final_train_loss", "final_val_loss", "n_params", "train_tokens")}
+
+
+@pytest.fixture()
+def token_dir(tmp_path):
+    return write_tokens(tmp_path / "tokens")
+
+
+def test_training_learns_and_is_deterministic(tmp_path, token_dir):
+    first, out1 = _train(tmp_path, "a")
+    assert first.returncode == 0, first.stderr
+    second, out2 = _train(tmp_path, "b")
+    assert second.returncode == 0, second.stderr
+    assert _loss_metrics(out1) == _loss_metrics(out2)  # CPU: exactly
+    log = pd.read_csv(out1 / "log.tsv", sep="\t")
+    assert list(log.columns) == ["step", "tokens", "loss", "lr"]
+    assert log["step"].tolist() == list(range(len(log)))
+    assert log["loss"].iloc[-4:].mean() < log["loss"].iloc[:4].mean() - 0.3
+    drawn = run_stage("loss_curve.py", "--step-log", str(out1 / "log.tsv"), "--val-log", str(out1 / "val.tsv"),
+                      "--out", str(out1 / "loss.png"), cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr
+    assert (out1 / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, token_dir):
+    full, out_full = _train(tmp_path, "full")
+    assert full.returncode == 0, full.stderr
+    # 32 steps, a checkpoint every 10% (3 steps): SIGKILLed from outside once the first checkpoint is on disk
+    _train_killed(tmp_path, "run")
+    resumed, out = _train(tmp_path, "run")
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_from = json.loads((out / "train.json").read_text())["resumed_from_step"]
+    assert 0 < resumed_from < 32 and resumed_from % 3 == 0  # mid-run, at one of the periodic checkpoints
+    assert re.findall(r"resuming from checkpoint at step (\d+)/32", resumed.stderr) == [str(resumed_from)]
+    for key, value in _loss_metrics(out_full).items():
+        assert _loss_metrics(out)[key] == pytest.approx(value, abs=1e-4)
+    log = pd.read_csv(out / "log.tsv", sep="\t")
+    assert log["step"].tolist() == list(range(32))  # cut back to the checkpoint: no step twice
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path, token_dir):
+    _train_killed(tmp_path, "run")
+    other, out = _train(tmp_path, "run", extra={"train": {"lr": 0.002}})
+    assert other.returncode == 0, other.stderr
+    assert "from other params or data; starting fresh" in other.stderr
+    assert json.loads((out / "train.json").read_text())["resumed_from_step"] == 0
+
+
+def test_a_non_finite_loss_stops_with_a_message_naming_the_step(tmp_path, token_dir):
+    result, out = _train(tmp_path, "nan", extra={"train": {"lr": 1e6, "grad_clip": 0}})
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train: loss is nan at step ") or last.startswith("error: train: loss is inf")
+    assert not (out / "model.pt").exists()

@@ -1,0 +1,258 @@
+"""Earth mover's distance against a loop reference and closed forms; plotting functions on a small table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from attnlab.core.errors import ConfigError
+from attnlab.core.params import AttentionConfig, Params
+from attnlab.report import figures, registry
+from attnlab.report import plots_attention as plots
+
+
+def emd_loop(a, b) -> float:
+    """Integral of |F_a - F_b| over the merged sample points, CDFs counted one element at a time."""
+    points = sorted(list(a) + list(b))
+    total = 0.0
+    for left, right in zip(points[:-1], points[1:]):
+        fa = sum(1 for x in a if x <= left) / len(a)
+        fb = sum(1 for x in b if x <= left) / len(b)
+        total += abs(fa - fb) * (right - left)
+    return total
+
+
+def test_emd_matches_loop_reference_unequal_sizes():
+    rng = np.random.default_rng(0)
+    for n_a, n_b in ((5, 5), (7, 3), (20, 13)):
+        a, b = rng.exponential(3.0, n_a), rng.normal(2.0, 1.0, n_b)
+        assert plots.emd_1d(a, b) == pytest.approx(emd_loop(a, b), rel=1e-12)
+
+
+def test_emd_closed_forms():
+    rng = np.random.default_rng(1)
+    a = rng.random(50)
+    assert plots.emd_1d(a, a + 2.5) == pytest.approx(2.5)  # a shift moves every unit of mass by 2.5
+    assert plots.emd_1d(a, a) == 0.0
+    assert plots.emd_1d([0.0], [4.0]) == pytest.approx(4.0)
+    # equal sizes: mean distance between sorted samples
+    b = rng.random(50) * 3
+    assert plots.emd_1d(a, b) == pytest.approx(np.mean(np.abs(np.sort(a) - np.sort(b))))
+
+
+def test_pairwise_emd_is_symmetric_with_zero_diagonal():
+    rng = np.random.default_rng(2)
+    samples = [rng.random(30) * k for k in range(1, 5)]
+    d = plots.pairwise_emd(samples)
+    assert np.allclose(d, d.T) and np.all(np.diag(d) == 0)
+    assert d[0, 1] == pytest.approx(plots.emd_1d(samples[0], samples[1]))
+
+
+def small_table(L=2, H=2, T=12, n=3) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    split, example, layer, head, position = np.meshgrid(range(2), range(n), range(L), range(H), range(T), indexing="ij")
+    position = position.ravel()
+    entropy = rng.random(position.size) * np.log2(position + 1)
+    support = np.exp2(entropy)
+    return pd.DataFrame(
+        {
+            "split": pd.Categorical.from_codes(split.ravel(), ["train", "val"]),
+            "example": example.ravel().astype(np.int16),
+            "layer": layer.ravel().astype(np.int8),
+            "head": head.ravel().astype(np.int8),
+            "position": position.astype(np.int16),
+            "entropy_bits": entropy.astype(np.float32),
+            "support": support.astype(np.float32),
+            "normalized_support": (support / (position + 1)).astype(np.float32),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda df: plots.weights_support(df, 2),
+        plots.support_hist_all,
+        plots.support_vs_seq_len,
+        lambda df: plots.support_hist_by_head(df, (4, 10)),
+        plots.entropy_heatmap,
+        plots.head_diversity,
+        lambda df: plots.mean_patterns(np.full((2, 2, 12, 12), 1 / 12)),
+    ],
+)
+def test_plot_functions_return_titled_figures_at_fixed_dpi(make):
+    import matplotlib.pyplot as plt
+
+    fig = make(small_table())
+    try:
+        assert fig.dpi == plots.DPI
+        titles = [fig._suptitle.get_text() if fig._suptitle else ""] + [ax.get_title() for ax in fig.axes]
+        assert any(titles)
+        labelled = [ax for ax in fig.axes if ax.get_xlabel()]
+        assert labelled, "axes need labels"
+    finally:
+        plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ support histograms
+
+
+def bars(ax) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{split label: (lefts, widths, heights)} of every histogram (BarContainer) drawn on `ax`; ax.hist puts
+    its label on the first bar."""
+    out = {}
+    for container in ax.containers:
+        patches = container.patches
+        out[patches[0].get_label()] = tuple(
+            np.array([getattr(p, f"get_{attr}")() for p in patches]) for attr in ("x", "width", "height")
+        )
+    return out
+
+
+def height_at(lefts, widths, heights, value: float) -> float:
+    """Height of the bar whose [left, left + width) holds `value`."""
+    (i,) = np.nonzero((lefts <= value) & (value < lefts + widths))
+    return float(heights[i[0]])
+
+
+def hand_table(T: int, n: int, H: int, normalized, support=None) -> pd.DataFrame:
+    """One layer, H heads, both splits, n examples, T positions; normalized(head, position) sets each row."""
+    split, example, head, position = np.meshgrid(range(2), range(n), range(H), range(T), indexing="ij")
+    head, position = head.ravel(), position.ravel()
+    norm = np.array([normalized(h, t) for h, t in zip(head, position)], dtype=np.float32)
+    return pd.DataFrame(
+        {
+            "split": pd.Categorical.from_codes(split.ravel(), ["train", "val"]),
+            "example": example.ravel().astype(np.int16),
+            "layer": np.zeros(position.size, dtype=np.int8),
+            "head": head.astype(np.int8),
+            "position": position.astype(np.int16),
+            "support": (norm * (position + 1) if support is None else support(head, position)).astype(np.float32),
+            "normalized_support": norm,
+        }
+    )
+
+
+def test_rows_in_positions_keeps_start_drops_stop():
+    df = small_table(T=12)
+    part = plots.rows_in_positions(df, 4, 10)
+    assert sorted(part["position"].unique()) == list(range(4, 10))  # 4 (== start) in, 10 (== stop) out
+    assert len(part) == (df["position"].between(4, 9)).sum() == len(df) // 12 * 6
+    assert part.columns.equals(df.columns) and part.index.isin(df.index).all()
+    assert plots.rows_in_positions(df, 0, 12).equals(df)
+    assert plots.rows_in_positions(df, 11, 12)["position"].eq(11).all()
+
+
+START, STOP, N_EXAMPLES = 4, 10, 3
+IN_WINDOW = {0: 0.41, 1: 0.61}  # head -> normalized support of positions start + 1 .. stop - 1 (bin centres)
+AT_START, AT_STOP, BEFORE, AFTER = 0.81, 0.91, 0.01, 0.99  # markers: only AT_START may reach the histogram
+
+
+def window_marker(head: int, position: int) -> float:
+    if position < START:
+        return BEFORE
+    if position == START:
+        return AT_START
+    if position == STOP:
+        return AT_STOP
+    if position > STOP:
+        return AFTER
+    return IN_WINDOW[head]
+
+
+def test_support_hist_by_head_draws_only_rows_in_window():
+    import matplotlib.pyplot as plt
+
+    df = hand_table(T=12, n=N_EXAMPLES, H=2, normalized=window_marker)
+    fig = plots.support_hist_by_head(df, (START, STOP))
+    try:
+        n_in_window = N_EXAMPLES * (STOP - START)  # rows per (head, split): 3 examples x positions 4..9
+        for head in (0, 1):
+            ax = fig.axes[head]
+            assert ax.get_title() == f"layer 0 head {head}"
+            drawn = bars(ax)
+            assert set(drawn) == {"train", "val"}
+            for split, (lefts, widths, heights) in drawn.items():
+                expected = np.array([AT_START] + [IN_WINDOW[head]] * (STOP - START - 1)).repeat(N_EXAMPLES)
+                assert len(expected) == n_in_window
+                want, edges = np.histogram(expected.astype(np.float32), plots.NORMALIZED_BINS, density=True)
+                np.testing.assert_allclose(lefts, edges[:-1], atol=1e-12)
+                np.testing.assert_allclose(heights, want)
+                # the start marker carries exactly N_EXAMPLES of n_in_window rows: recover the row count from it
+                at_start = height_at(lefts, widths, heights, AT_START) * widths[0]  # share of rows in that bin
+                assert N_EXAMPLES / at_start == pytest.approx(n_in_window)
+                assert height_at(lefts, widths, heights, IN_WINDOW[head]) > 0
+                for outside in (BEFORE, AT_STOP, AFTER, IN_WINDOW[1 - head]):
+                    assert height_at(lefts, widths, heights, outside) == 0, (head, split, outside)
+        assert "normalized support = support / (position + 1)" in fig.axes[-1].get_xlabel()
+        assert "normalized support = support / (position + 1)" in fig._suptitle.get_text()
+        assert f"query positions {START} to {STOP - 1}" in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+
+
+def test_support_hist_all_main_panel_is_normalized_support():
+    import matplotlib.pyplot as plt
+
+    T = 64
+    rng = np.random.default_rng(3)
+    # disjoint ranges: normalized support in [0.1, 0.3], raw support in [20, 30] tokens
+    df = hand_table(T=T, n=4, H=2, normalized=lambda h, t: rng.uniform(0.1, 0.3),
+                    support=lambda head, position: rng.uniform(20, 30, head.size))
+    fig = plots.support_hist_all(df)
+    try:
+        main, raw = fig.axes[:2]
+        assert main.get_xlabel().startswith("normalized support = support / (position + 1)")
+        assert "normalized support = support / (position + 1)" in main.get_title()
+        for split, (lefts, widths, heights) in bars(main).items():
+            drawn = heights > 0
+            assert drawn.any()
+            assert lefts[drawn].min() >= 0.1 - widths[0] and (lefts + widths)[drawn].max() <= 0.3 + widths[0]
+            values = df.loc[df["split"] == split, "normalized_support"]
+            want, _ = np.histogram(values, plots.NORMALIZED_BINS, density=True)
+            np.testing.assert_allclose(heights, want)
+        assert main.get_xlim() == (0.0, 1.0)
+        assert raw.get_xlabel().startswith("support")
+        for lefts, widths, heights in bars(raw).values():
+            drawn = heights > 0
+            assert lefts[drawn].min() >= 20 - widths[0] and (lefts + widths)[drawn].max() <= 30 + widths[0]
+    finally:
+        plt.close(fig)
+
+
+def test_normalized_values_caps_rounding_above_one():
+    values = pd.Series(np.array([0.5, 1.0, np.nextafter(np.float32(1), np.float32(2))], dtype=np.float32))
+    capped = plots.normalized_values(values)
+    assert capped.max() == 1.0 and capped[0] == 0.5
+    counts, _ = np.histogram(capped, plots.NORMALIZED_BINS)
+    assert counts.sum() == 3  # uncapped, np.histogram would drop the last row
+
+
+# ---------------------------------------------------------------------------------- drawing from the registry
+
+PNG_FIGURES = [f for f in registry.figure_stage_figures() if f.reads in figures.LOADERS]
+
+
+@pytest.mark.parametrize("figure", PNG_FIGURES, ids=lambda f: f.name)
+def test_build_figure_draws_each_registry_png_with_its_input_and_params(figure, tmp_path, monkeypatch):
+    """The registry's draw function, input and params fit together (the stage test draws them from real files)."""
+    import matplotlib.pyplot as plt
+
+    inputs = {"stats": small_table(T=12), "mean_patterns": np.full((2, 2, 12, 12), 1 / 12)}
+    monkeypatch.setitem(figures.LOADERS, figure.reads, lambda _dir: inputs[figure.reads])
+    params = Params(attention=AttentionConfig(batch_size=2, seq_len_filter=(4, 10)))
+    fig = figures.build_figure(figure.name, params, tmp_path)
+    try:
+        assert fig.dpi == plots.DPI and fig.axes
+    finally:
+        plt.close(fig)
+
+
+def test_build_figure_checks_the_seq_len_filter_against_the_stats(tmp_path, monkeypatch):
+    monkeypatch.setitem(figures.LOADERS, "stats", lambda _dir: small_table(T=12))
+    params = Params(attention=AttentionConfig(seq_len_filter=(4, 20)))
+    with pytest.raises(ConfigError, match="seq_len=12"):
+        figures.build_figure("attn_support_hist_by_block_head_w_seq_len_filter.png", params, tmp_path)
+    with pytest.raises(ConfigError, match="expected one of"):
+        figures.build_figure("loss_curve.png", params, tmp_path)  # in the registry, but drawn by its own stage (stages/loss_curve.py)

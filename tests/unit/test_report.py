@@ -1,0 +1,170 @@
+"""The report page: self-contained, optional inputs skipped with a note, registry extensible, escaped. The
+figure registry against dvc.yaml (which is static: this test is what keeps the two in step)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attnlab.report import registry
+from attnlab.report.figures import FIGURES as FIGURE_STAGE_FIGURES
+from attnlab.report.page import METRICS, SAMPLES, build_report, flatten
+from attnlab.report.plots_interventions import INTERVENTION_FIGURES
+from attnlab.report.plots_pe import PE_FIGURES
+from attnlab.report.registry import FIGURES, Figure
+from attnlab.report.templating import markdown_html
+
+ROOT = Path(__file__).resolve().parents[2]
+while not (ROOT / "dvc.yaml").exists() and ROOT != ROOT.parent:  # tests/ or tests/unit/
+    ROOT = ROOT.parent
+
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+
+
+def test_empty_reports_folder_gives_a_page_of_notes(tmp_path):
+    page = build_report(tmp_path)
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("not produced in this run") == len(FIGURES) + len(METRICS) + len(SAMPLES)
+
+
+def test_figures_metrics_and_samples_are_embedded_and_escaped(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "loss_curve.png").write_bytes(PNG)
+    (tmp_path / "figures" / "attn_tokens.html").write_text('<p>x = "</script>&"</p>')
+    (tmp_path / "train.json").write_text(json.dumps({"final_val_loss": 2.3456789, "tokens": 1234567, "cfg": {"lr": 0.001}}))
+    (tmp_path / "samples.md").write_text("# Samples\n\n```python\nif a < b and c > d: print('</script>')\n```\n")
+    page = build_report(tmp_path)
+    assert f"data:image/png;base64,{base64.b64encode(PNG).decode()}" in page
+    assert "final_val_loss" in page and "2.346" in page and "1,234,567" in page and "cfg.lr" in page
+    assert "</script>" not in page and "&lt;/script&gt;" in page
+    assert "if a &lt; b and c &gt; d" in page
+    assert 'sandbox=""' in page and "srcdoc=" in page
+
+
+def test_registry_entries_appended_by_other_issues_appear_in_their_section(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "interventions_temperature.png").write_bytes(PNG)
+    extra = FIGURES + (Figure("interventions_temperature.png", "Interventions", "Loss against temperature.", "x"),
+                       Figure("new.png", "Extra section", "A new kind.", "y"))  # fmt: skip
+    page = build_report(tmp_path, extra)
+    assert "<h2>Interventions</h2>" in page and "Loss against temperature." in page
+    assert "<h2>Extra section</h2>" in page and "figures/new.png not produced" in page
+    order = [page.index(f"<h2>{section}</h2>") for section in ("Attention", "Interventions", "Extra section")]
+    assert order == sorted(order)
+
+
+def test_flatten():
+    assert flatten({"train": {"a": 1, "b": [1, 2]}, "c": 2.5}) == [("train.a", 1), ("train.b", "[1, 2]"), ("c", 2.5)]
+
+
+def test_markdown_escapes_raw_html_and_fenced_code():
+    text = "## Prompt `<x>`\ntext & more <script>alert(1)</script>\n\n```python\na<b and '</script>'\n```\n"
+    out = markdown_html(text, heading_shift=2)
+    assert "<script" not in out and "</script" not in out
+    assert "<h4>Prompt <code>&lt;x&gt;</code></h4>" in out
+    assert "<p>text &amp; more &lt;script&gt;alert(1)&lt;/script&gt;</p>" in out
+    assert '<pre><code class="language-python">a&lt;b and \'&lt;/script&gt;\'\n</code></pre>' in out
+
+
+def test_samples_on_the_page_are_escaped_inside_pre_code(tmp_path):
+    markdown = "# Variant\n\n<script>x()</script>\n\n```\n<script>y()</script>\n```\n"
+    (tmp_path / "intervention_samples.md").write_text(markdown)
+    page = build_report(tmp_path)
+    samples = page[page.index("<h2>Samples</h2>"):]
+    assert "<script" not in page
+    assert "<h3>Variant</h3>" in samples and "<p>&lt;script&gt;x()&lt;/script&gt;</p>" in samples
+    assert "<pre><code>&lt;script&gt;y()&lt;/script&gt;\n</code></pre>" in samples
+    assert "samples.md not produced in this run" in samples  # the other file, missing
+
+
+def test_the_page_opens_on_the_loss_against_the_unigram_baseline_with_tokens_scored(tmp_path):
+    (tmp_path / "eval.json").write_text(json.dumps(
+        {"val_loss": 3.3012, "unigram_loss": 6.3456, "val_loss_vs_unigram": 3.0444, "val_tokens_scored": 22656}))
+    (tmp_path / "train.json").write_text(json.dumps({"final_val_loss": 3.28, "val_tokens_scored": 16384}))
+    (tmp_path / "interventions.json").write_text(json.dumps(
+        {"baseline": {"loss": 3.41}, "tokens_scored": {"val": 16384, "train_for_means": 16384}}))
+    page = build_report(tmp_path)
+    head = page[: page.index("<h2>Metrics</h2>")]
+    assert "Validation loss 3.301 nats/token" in head and "6.346" in head and "3.04 nats below" in head
+    assert "22,656" in head and "16,384" in head and "seeded random validation windows" in head
+    (tmp_path / "eval.json").write_text(json.dumps({"val_loss": 6.2, "unigram_loss": 6.34, "val_tokens_scored": 10}))
+    assert "learned little beyond token frequencies" in build_report(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- the figure registry
+
+
+def test_registry_names_are_unique_with_known_sections_one_line_captions_and_drawable():
+    names = [f.name for f in FIGURES]
+    assert len(names) == len(set(names))
+    for f in FIGURES:
+        assert f.section in registry.SECTIONS, f.name
+        assert f.caption.strip() and "\n" not in f.caption, f.name
+        assert f.reads in ("",) + registry.READS, f.name
+        assert not f.params or f.by_figure_stage, f"{f.name}: params are for figures of stages/figure.py"
+        if f.draw or f.by_figure_stage:
+            assert callable(registry.draw_function(f)), f.name
+
+
+def test_lists_derived_from_the_registry():
+    assert FIGURE_STAGE_FIGURES == {f.name: list(f.params) for f in FIGURES if f.by_figure_stage}
+    assert INTERVENTION_FIGURES == [(f.name, f.caption) for f in FIGURES if f.section == "Interventions"]
+    assert PE_FIGURES == [(f.name, f.caption) for f in FIGURES if f.section == "Positional encoding"]
+
+
+def dvc_stages() -> dict[str, dict]:
+    """dvc.yaml's stages, a foreach stage expanded to <name>@<item> as dvc names them."""
+    stages = {}
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        for item in stage["foreach"]:
+            text = yaml.safe_dump(stage["do"]).replace("${item}", str(item))
+            stages[f"{name}@{item}"] = yaml.safe_load(text)
+    return stages
+
+
+def paths(entries) -> list[str]:
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.name)
+def test_dvc_yaml_has_each_figure_as_an_out_of_its_stage_and_a_dep_of_report(figure):
+    stages, out = dvc_stages(), f"reports/{figure.file}"
+    writers = [name for name, stage in stages.items() if out in paths(stage.get("outs"))]
+    assert len(writers) == 1, f"{figure.name}: dvc.yaml must list {out} in the outs of one stage, not {writers}"
+    expected = f"{registry.FIGURE_STAGE}@{figure.name}" if figure.stage == registry.FIGURE_STAGE else figure.stage
+    assert writers == [expected], f"{figure.name}: the registry says stage {expected}, dvc.yaml has {writers[0]}"
+    assert out in paths(stages["report"]["deps"]), f"{figure.name}: {out} missing from the report stage's deps"
+    if figure.by_figure_stage:
+        stage = stages[expected]
+        assert f"--name {figure.name} " in " ".join(stage["cmd"].split()) + " ", f"{figure.name}: {expected} cmd"
+        drawn = [key for key in stage.get("params", []) if key != "train.device"]  # where the model runs
+        assert drawn == list(figure.params), f"{figure.name}: params of {expected} in dvc.yaml"
+
+
+def test_dvc_yaml_figure_foreach_is_the_param_free_figures_of_stages_figure_py():
+    foreach = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][registry.FIGURE_STAGE]["foreach"]
+    expected = [f.name for f in registry.figure_stage_figures() if not f.params]
+    assert foreach == expected, (
+        f"figure foreach in dvc.yaml: missing {sorted(set(expected) - set(foreach))}, "
+        f"not param-free figures of the registry {sorted(set(foreach) - set(expected))}"
+    )
+    assert all(f.stage == registry.FIGURE_STAGE for f in registry.figure_stage_figures() if not f.params)
+
+
+def test_report_stage_deps_are_the_registry_metrics_and_samples():
+    deps = [d for d in paths(dvc_stages()["report"]["deps"]) if d.startswith("reports/")]
+    registered = {f"reports/{f.file}" for f in FIGURES} | {f"reports/{n}" for _, n in METRICS}
+    registered |= {f"reports/{n}" for n in SAMPLES}
+    assert set(deps) == registered, (
+        f"report deps in dvc.yaml: missing {sorted(registered - set(deps))}, not in the registry "
+        f"(registry.FIGURES, page.METRICS, page.SAMPLES) {sorted(set(deps) - registered)}"
+    )

@@ -1,0 +1,80 @@
+"""The shape of the code: dvc.yaml deps cover everything each stage runs (and nothing it does not), no import
+cycles, short functions, small folders. Read from the source, so they run in a second."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from structure import ROOT, find_cycle, import_graph, long_functions, needed_deps
+
+MAX_FUNCTION_LINES = 80
+MAX_MODULES_PER_FOLDER = 12
+
+
+def stage_definitions() -> dict[str, dict]:
+    """Every stage of dvc.yaml, the foreach stage once (its deps do not depend on the item)."""
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def script_of(name: str, stage: dict) -> str:
+    body = stage.get("do", stage)
+    words = body["cmd"].split()
+    assert words[0] == "python" and words[1].startswith("stages/"), f"{name}: cmd must be python stages/<name>.py"
+    return words[1]
+
+
+@pytest.mark.parametrize("name", sorted(stage_definitions()))
+def test_each_stage_depends_on_every_folder_it_imports_and_no_other(name):
+    stage = stage_definitions()[name]
+    body = stage.get("do", stage)
+    script = script_of(name, stage)
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in body["deps"]]
+    assert script in deps, f"stage {name}: its own script {script} is not in its deps"
+    src_deps = {d for d in deps if d.startswith("src/")}
+    needed = needed_deps(ROOT / script)
+    missing = sorted(needed - src_deps)
+    assert not missing, f"stage {name} runs code from {missing} but its deps in dvc.yaml miss it"
+    unused = sorted(src_deps - needed)
+    assert not unused, f"stage {name} lists {unused} in its deps but imports nothing from it"
+
+
+def test_there_are_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_function_is_longer_than_80_lines():
+    too_long = long_functions([ROOT / "src", ROOT / "stages", ROOT / "benchmarks"], MAX_FUNCTION_LINES)
+    assert not too_long, "functions over 80 lines:\n" + "\n".join(too_long)
+
+
+def test_no_folder_under_src_holds_more_than_12_modules():
+    for folder in [p for p in (ROOT / "src").rglob("*") if p.is_dir() and p.name != "__pycache__"]:
+        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        assert len(modules) <= MAX_MODULES_PER_FOLDER, f"{folder.relative_to(ROOT)} holds {len(modules)} modules"
+
+
+def test_every_sub_package_says_what_it_is_for():
+    for init in (ROOT / "src/attnlab").glob("*/__init__.py"):
+        doc = init.read_text().strip()
+        assert doc.startswith('"""') and len(doc) > 80, f"{init.relative_to(ROOT)} needs a one-paragraph docstring"
+
+
+def test_the_deps_check_catches_a_missing_folder(tmp_path):
+    """The check itself can fail: a stage script that imports attnlab.model needs src/attnlab/model."""
+    script = tmp_path / "stage.py"
+    script.write_text("def main():\n    from attnlab.model.transformer import Transformer\n")
+    assert "src/attnlab/model" in needed_deps(script)
+    assert "src/attnlab/core" in needed_deps(script)  # transformer imports core.params
+    assert "src/attnlab/report" not in needed_deps(script)
+
+
+def test_the_config_cli_is_where_users_expect_it():
+    proc = subprocess.run([sys.executable, "-m", "attnlab.config", str(ROOT / "params.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "n_params" in proc.stdout
