@@ -142,10 +142,13 @@ TOKENIZER_VOCAB = 384
 
 
 def tiny_model(vocab_size: int = 61, seed: int = 0, **overrides) -> Transformer:
-    cfg = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=24)
-    cfg.update(overrides)
+    """A tiny model in eval mode, its init seeded: d_model 32, 2 layers, 4 heads, seq 24 unless overridden."""
+    fields = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=24)
+    fields.update(overrides)
+    cfg = ModelConfig(**fields)
+    cfg.validate()
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(**cfg), vocab_size).eval()
+    return Transformer(cfg, vocab_size).eval()
 
 
 def training_text(max_chars: int = 24_000) -> str:

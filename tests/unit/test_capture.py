@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from builders import tiny_model
 from attention_reference import loop_attention
 
 from attnlab.analysis.capture import capture_attention, capture_points, edit_point, explicit_attention
-from attnlab.core.params import ModelConfig
 from attnlab.model.transformer import HookPoint, Transformer
 
 VOCAB = 53
 
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
-    fields = dict(d_model=32, n_layers=3, n_heads=4, d_ff=64, seq_len=32)
-    fields.update(overrides)
-    cfg = ModelConfig(**fields)
-    cfg.validate()
-    torch.manual_seed(seed)
-    return Transformer(cfg, VOCAB).eval()
+    return tiny_model(VOCAB, seed, **{"n_layers": 3, "seq_len": 32, **overrides})
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:

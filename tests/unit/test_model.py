@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from builders import tiny_model
 from attention_reference import loop_attention, rotate_pairs, sinusoidal_loop
 
 from attnlab.analysis.capture import capture_attention, capture_points, explicit_attention
@@ -20,12 +22,7 @@ NORMS = ("post", "pre")
 
 
 def make_model(seed: int = 0, **overrides) -> Transformer:
-    fields = dict(d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=32)
-    fields.update(overrides)
-    cfg = ModelConfig(**fields)
-    cfg.validate()
-    torch.manual_seed(seed)
-    return Transformer(cfg, VOCAB).eval()
+    return tiny_model(VOCAB, seed, **{"n_layers": 2, "seq_len": 32, **overrides})
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
