@@ -18,7 +18,9 @@ Sections today:
 
 Then, when the project's token files exist, the quality section (benchmarks/bench_quality.py): the train stage's
 recipe against a plain reference GPT at the shape of `--params` plus `--set key=value` overrides (`make bench`
-passes the quick profile), both scored on evaluate's windows: ``quality_vs_reference`` (goal <= 1.0).
+passes the quick profile), both scored on evaluate's windows: ``quality_vs_reference`` (goal <= 1.0); and at
+that shape the train stage's loop against the bare step of its model (``train_loop_vs_step``, goal >= 0.95)
+and against the reference GPT's bare loop (``stage_vs_reference_speed``, goal >= 1.0).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import yaml
 
 from attnlab.analysis.capture import explicit_attention
 from attnlab.core.cli import run_cli
-from attnlab.core.device import pick_device
+from attnlab.core.device import native_bf16, pick_device
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_json
 from attnlab.core.params import ModelConfig, TrainConfig, load_params
@@ -71,6 +73,7 @@ class BenchSetup:
     token_stream: np.ndarray  # (N,) token ids the batches are cut from
     token_source: str
     seed: int
+    bf16: bool = True  # run the bf16 sections (off where bf16 is only emulated: hours instead of seconds)
 
     @property
     def tokens_per_step(self) -> int:
@@ -230,6 +233,8 @@ def train_fp32(setup: BenchSetup, results: dict) -> dict:
 
 
 def train_bf16(setup: BenchSetup, results: dict) -> dict:
+    if not setup.bf16:
+        return {"bf16_skipped": f"no native bf16 on {device_name(setup.device)} (see --bf16)"}
     ours, ref = training_throughput(setup, bf16=True)
     return {"train_tok_s_bf16": ours, "torch_encoder_tok_s_bf16": ref, "train_vs_torch_encoder_bf16": ours / ref}
 
@@ -286,16 +291,15 @@ def mfu(setup: BenchSetup, results: dict) -> dict:
     n_params = count_parameters(setup.cfg, setup.vocab_size)
     per_token = flops_per_token(setup.cfg, n_params)
     peak_fp32 = matmul_flops(setup.device, torch.float32, setup.mm_size, setup.mm_seconds)
-    peak_bf16_measured = matmul_flops(setup.device, torch.bfloat16, setup.mm_size, setup.mm_seconds)
-    peak_bf16 = table_bf16_peak(setup.device) or peak_bf16_measured
-    out = {
-        "n_params": n_params,
-        "flops_per_token": per_token,
-        "matmul_peak_fp32_flop_s": peak_fp32,
-        "matmul_peak_bf16_flop_s": peak_bf16_measured,
-        "bf16_peak_source": "table" if table_bf16_peak(setup.device) else "measured",
-        "matmul_bf16_vs_fp32": peak_bf16_measured / peak_fp32,
-    }
+    out = {"n_params": n_params, "flops_per_token": per_token, "matmul_peak_fp32_flop_s": peak_fp32}
+    if setup.bf16:  # an emulated bf16 matmul of mm_size takes tens of seconds: measured only where native
+        peak_bf16_measured = matmul_flops(setup.device, torch.bfloat16, setup.mm_size, setup.mm_seconds)
+        peak_bf16 = table_bf16_peak(setup.device) or peak_bf16_measured
+        out.update({
+            "matmul_peak_bf16_flop_s": peak_bf16_measured,
+            "bf16_peak_source": "table" if table_bf16_peak(setup.device) else "measured",
+            "matmul_bf16_vs_fp32": peak_bf16_measured / peak_fp32,
+        })
     if "train_tok_s" in results:
         out["achieved_flop_s_fp32"] = results["train_tok_s"] * per_token
         out["mfu_fp32"] = out["achieved_flop_s_fp32"] / peak_fp32
@@ -332,6 +336,8 @@ def loss_curve(setup: BenchSetup, init_seed: int, bf16: bool) -> list[float]:
 
 def bf16_loss(setup: BenchSetup, results: dict) -> dict:
     """fp32 vs bf16 autocast from the same init on the same batches; another fp32 init seed gives the noise."""
+    if not setup.bf16:
+        return {}
     fp32 = loss_curve(setup, setup.seed, bf16=False)
     bf16 = loss_curve(setup, setup.seed, bf16=True)
     other_seed = loss_curve(setup, setup.seed + 1, bf16=False)
@@ -434,6 +440,11 @@ TABLE = [  # (key, label, format)
     ("quality_attnlab_val_loss", "quality: attnlab val loss (nats)", "{:.4f}"),
     ("quality_reference_val_loss", "quality: reference GPT val loss (nats)", "{:.4f}"),
     ("quality_vs_reference", "  attnlab / reference (goal <= 1.0)", "{:.3f}"),
+    ("train_loop_tok_s", "train stage loop tok/s, quality shape (no validation)", "{:,.0f}"),
+    ("bare_step_tok_s", "bare fwd+bwd+AdamW step tok/s, same model and shape", "{:,.0f}"),
+    ("train_loop_vs_step", "  loop / bare step (goal >= 0.95)", "{:.2f}x"),
+    ("quality_reference_tok_s", "reference GPT bare loop tok/s, same shape", "{:,.0f}"),
+    ("stage_vs_reference_speed", "  stage loop / reference (goal >= 1.0)", "{:.2f}x"),
 ]
 
 
@@ -469,6 +480,7 @@ def build_setup(args: argparse.Namespace) -> BenchSetup:
         cfg=cfg, vocab_size=vocab_size, batch_size=batch_size, steps=args.steps, reps=args.reps,
         warmup=args.warmup, loss_steps=args.loss_steps, mm_size=args.mm_size, mm_seconds=args.mm_seconds, device=device,
         token_stream=stream, token_source=source, seed=args.seed,
+        bf16=args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(device)),
     )
 
 
@@ -494,6 +506,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mm-size", dest="mm_size", type=int, default=2048, help="n of the n x n peak matmul")
     p.add_argument("--mm-seconds", dest="mm_seconds", type=float, default=2.0, help="time per peak measurement")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                   help="the bf16 sections: auto = where bf16 is native (CUDA, CPUs with avx512_bf16/amx_bf16)")
     p.add_argument("--params", default="params.yaml", help="params of the quality section's two training runs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a param of the quality section, as `dvc exp run -S` (repeatable)")

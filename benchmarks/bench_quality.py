@@ -3,6 +3,11 @@
 Both train on the project's own token files (data/tokens) with the same shape, token budget, batch size and
 batch sequence; both are scored by attnlab.scoring on exactly the windows that `evaluate` scores. The
 figure that matters is ``quality_vs_reference`` = attnlab val_loss / reference val_loss (goal <= 1.0).
+
+The same run gives the speed of the train stage's loop at that shape (``train_loop_tok_s``: train.json's
+tokens_per_sec, which leaves out the validation passes but keeps data, schedule, logging and checkpoints) against
+the bare fwd+bwd+AdamW step of the same model (``train_loop_vs_step``, goal >= 0.95) and against the reference
+GPT's bare training loop (``stage_vs_reference_speed``, goal >= 1.0).
 """
 
 from __future__ import annotations
@@ -11,15 +16,36 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attnlab.analysis.scoring import score_windows, unigram_loss, window_targets
+from attnlab.core.device import pick_device
 from attnlab.core.params import Params
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
 from attnlab.model.checkpoint import load_model
+from attnlab.model.transformer import Transformer
 from attnlab.training.loop import TrainPaths, train
-from attnlab.training.schedule import make_budget
+from attnlab.training.schedule import autocast_dtype, make_budget
+from benchmarks.bench import BenchSetup, side_by_side, train_step_fn
 from benchmarks.reference import ReferenceShape, train_reference
+
+STEP_STEPS, STEP_REPS = 10, 3  # the bare step's timing at the quality shape: timed steps per repetition, repetitions
+
+
+def bare_step_tok_s(params: Params, train_tokens: np.ndarray, steps: int = STEP_STEPS, reps: int = STEP_REPS) -> float:
+    """Tokens/s of the bare fwd+bwd+AdamW step (benchmarks/bench.py's train_step_fn) of the train stage's model
+    at the shape, batch, device and precision of `params`, on 4 batches already on the device: no data, schedule,
+    clipping or logging. (On CUDA the stage compiles its model and this step does not.)"""
+    device = pick_device(params.train.device)
+    setup = BenchSetup(cfg=params.model, vocab_size=params.tokenizer.vocab_size, batch_size=params.train.batch_size,
+                       steps=steps, reps=reps, warmup=2, loss_steps=1, mm_size=1, mm_seconds=1.0, device=device,
+                       token_stream=train_tokens, token_source="train.bin", seed=params.seed)
+    torch.manual_seed(params.seed)
+    model = Transformer(params.model, setup.vocab_size).to(device)
+    step = train_step_fn(model, device, bf16=autocast_dtype(params.train, device) is not None)
+    batches = [setup.batch(i) for i in range(4)]
+    return side_by_side(setup, {"step": lambda i: step(*batches[i % 4])})["step"]
 
 
 def quality_comparison(params: Params, tokens_dir: str | Path, log=print) -> dict:
@@ -31,6 +57,8 @@ def quality_comparison(params: Params, tokens_dir: str | Path, log=print) -> dic
     )
     m, vocab = params.model, params.tokenizer.vocab_size
     budget = make_budget(params, vocab)
+    train_tokens, val_tokens = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")
+    step_tok_s = [bare_step_tok_s(params, train_tokens)]  # before and after the loop: a load change hits both
     with tempfile.TemporaryDirectory(prefix="attnlab-quality-") as tmp:
         out = Path(tmp)
         paths = TrainPaths(tokens=Path(tokens_dir), model=out / "model.pt", checkpoints=out / "checkpoints",
@@ -38,10 +66,12 @@ def quality_comparison(params: Params, tokens_dir: str | Path, log=print) -> dic
         log(f"quality: training attnlab ({budget.steps} steps of {params.train.batch_size} x {m.seq_len})")
         metrics = train(params, paths)
         model, _ = load_model(paths.model, "cpu")
-    train_tokens, val_tokens = load_tokens(tokens_dir, "train"), load_tokens(tokens_dir, "val")
+    step_tok_s.append(bare_step_tok_s(params, train_tokens))
+    loop_tok_s, step_mean = metrics["tokens_per_sec"], sum(step_tok_s) / len(step_tok_s)
     shape = ReferenceShape(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.seq_len)
     log("quality: training the reference GPT")
-    reference, ref_tok_s = train_reference(shape, train_tokens, budget.steps, params.train.batch_size, params.seed)
+    reference, ref_tok_s = train_reference(shape, train_tokens, budget.steps, params.train.batch_size, params.seed,
+                                           device=pick_device(params.train.device))
 
     starts = eval_starts(len(val_tokens), m.seq_len, params.eval.max_tokens)
     ours = score_windows(model, val_tokens, starts, m.seq_len, params.eval.batch_size)
@@ -55,6 +85,12 @@ def quality_comparison(params: Params, tokens_dir: str | Path, log=print) -> dic
         "quality_attnlab_val_loss": round(ours.loss, 4),
         "quality_reference_val_loss": round(theirs.loss, 4),
         "quality_vs_reference": round(ours.loss / theirs.loss, 4),
-        "quality_attnlab_tok_s": metrics["tokens_per_sec"],
+        "quality_attnlab_tok_s": loop_tok_s,
         "quality_reference_tok_s": round(ref_tok_s, 1),
+        "train_loop_tok_s": loop_tok_s,  # train.json's tokens_per_sec: the stage's loop without validation
+        "train_loop_eval_seconds": metrics["eval_seconds"],  # the validation time it leaves out
+        "bare_step_tok_s": round(step_mean, 1),
+        "bare_step_tok_s_before_after": [round(v, 1) for v in step_tok_s],
+        "train_loop_vs_step": round(loop_tok_s / step_mean, 4),
+        "stage_vs_reference_speed": round(loop_tok_s / ref_tok_s, 4),
     }

@@ -19,12 +19,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--tokenizer", default="data/tokenizer")
     parser.add_argument("--metrics", default="reports/eval.json")
     parser.add_argument("--samples", default="reports/samples.md")
+    parser.add_argument("--by-position", default="reports/loss_by_position.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     t0 = time.time()
-    metrics, samples = evaluate(params, Path(args.model), Path(args.tokens), Path(args.tokenizer))
+    result = evaluate(params, Path(args.model), Path(args.tokens), Path(args.tokenizer))
+    metrics = result.metrics
     write_json(args.metrics, metrics)
-    write_text(args.samples, samples)
+    write_json(args.by_position, result.by_position)
+    write_text(args.samples, result.samples)
     print(f"[evaluate] val loss {metrics['val_loss']:.4f} nats/token ({metrics['val_loss_vs_unigram']:.3f} below the "
           f"unigram baseline {metrics['unigram_loss']:.4f}), ppl {metrics['val_ppl']:.2f}, "
           f"{metrics['val_bpb']:.4f} bits/byte over {metrics['val_tokens_scored']:,} tokens "

@@ -154,9 +154,13 @@ def test_metrics_json_and_side_files(project):
     metrics = json.loads((project / "reports" / "attention.json").read_text())
     assert set(metrics) == {"train", "val"}
     for split in ("train", "val"):
-        assert set(metrics[split]) == {"mean_entropy_bits", "mean_support", "mean_normalized_support"}
+        assert set(metrics[split]) - {"heads"} == {"mean_entropy_bits", "mean_support", "mean_normalized_support"}
         assert 0 < metrics[split]["mean_entropy_bits"] <= np.log2(SEQ_LEN)
         assert 1 <= metrics[split]["mean_support"] <= SEQ_LEN
+    heads = metrics["val"]["heads"]  # per-head means of the val split (2 layers x 4 heads)
+    assert list(heads) == [f"L{layer}H{head}" for layer in range(2) for head in range(4)]
+    assert all(set(h) == {"mean_support", "mean_normalized_support"} for h in heads.values())
+    assert np.mean([h["mean_support"] for h in heads.values()]) == pytest.approx(metrics["val"]["mean_support"])
     patterns = np.load(project / "data" / "attention" / "mean_patterns.npy")
     assert patterns.shape == (2, 4, SEQ_LEN, SEQ_LEN) and patterns.dtype == np.float32
     np.testing.assert_allclose(np.nansum(patterns, -1), 1.0, rtol=1e-5)

@@ -35,6 +35,16 @@ def test_interventions_stage_writes_its_metrics_figures_and_samples(dvc_project)
     assert (p / "reports/intervention_samples.md").read_text().count("```") >= 8
 
 
+def test_the_explorer_is_one_self_contained_page_rerun_by_its_own_params_only(dvc_project):
+    page = (dvc_project.path / "reports/explorer.html").read_text()
+    assert page.lstrip().startswith("<!DOCTYPE html>") and "http://" not in page and "https://" not in page
+    assert 'id="explorer-data"' in page and '<select id="head">' in page
+    with dvc_project.params_changed({"explorer": {"max_tokens": 32}}):
+        assert stale_stages(dvc_project) == {"explorer"}
+    with dvc_project.params_changed({"interventions": {"top_k": [1, 2]}}):
+        assert "explorer" not in stale_stages(dvc_project)
+
+
 def test_changing_the_temperature_sweep_reruns_only_interventions_and_what_reads_it(dvc_project):
     with dvc_project.params_changed({"interventions": {"temperatures": [0.5, 1.0, 3.0]}}):
         stale = stale_stages(dvc_project)

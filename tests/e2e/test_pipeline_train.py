@@ -93,3 +93,17 @@ def test_a_killed_train_stage_resumes_under_dvc_repro_and_matches_the_uninterrup
         assert result[key] == pytest.approx(reference[key], abs=1e-4), key
     steps_logged = [int(line.split("\t")[0]) for line in (p / "reports/train_log.tsv").read_text().splitlines()[1:]]
     assert steps_logged == list(range(steps))
+
+
+def test_loss_by_position_agrees_with_val_loss_and_reaches_twice_the_trained_length(dvc_project):
+    p = dvc_project.path
+    metrics = read_json(dvc_project, "reports/eval.json")
+    curves = read_json(dvc_project, "reports/loss_by_position.json")
+    seq_len = dvc_project.read_params()["model"]["seq_len"]
+    assert curves["position"] == list(range(seq_len)) and len(curves["loss"]) == len(curves["tokens"]) == seq_len
+    mean = sum(l * n for l, n in zip(curves["loss"], curves["tokens"])) / sum(curves["tokens"])
+    assert mean == pytest.approx(metrics["val_loss"], abs=1e-5)
+    assert sum(curves["tokens"]) == metrics["val_tokens_scored"]
+    assert len(curves["loss_2x"]) == len(curves["tokens_2x"]) == 2 * seq_len  # rope: positions extend
+    assert "val_loss_at_2x_seq_len" in metrics
+    assert (p / "reports/figures/loss_by_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,7 @@ from benchmarks import bench
 
 TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "64", "--seq-len", "32",
         "--batch-size", "2", "--vocab-size", "400", "--steps", "2", "--reps", "1", "--warmup", "0",
-        "--loss-steps", "2", "--mm-size", "64", "--mm-seconds", "0.05", "--device", "cpu"]
+        "--loss-steps", "2", "--mm-size", "64", "--mm-seconds", "0.05", "--device", "cpu", "--bf16", "on"]
 REQUIRED = [
     "train_tok_s", "torch_encoder_tok_s", "train_vs_torch_encoder", "mfu_fp32",
     "train_tok_s_bf16", "torch_encoder_tok_s_bf16", "train_vs_torch_encoder_bf16", "mfu_bf16",
@@ -99,6 +99,18 @@ def test_quality_section_trains_both_models_and_scores_them_on_evaluates_windows
     assert results["quality_vs_reference"] == pytest.approx(
         results["quality_attnlab_val_loss"] / results["quality_reference_val_loss"], abs=1e-3)
     assert "seed 3" in results["quality_shape"]
+    # speed at the same shape in the same run: the stage's loop (validation left out), its bare step, the reference
+    for key in ("train_loop_tok_s", "bare_step_tok_s", "quality_reference_tok_s"):
+        assert np.isfinite(results[key]) and results[key] > 0, key
+    assert results["train_loop_eval_seconds"] >= 0
+    assert results["train_loop_tok_s"] == results["quality_attnlab_tok_s"]
+    assert len(results["bare_step_tok_s_before_after"]) == 2
+    assert results["train_loop_vs_step"] == pytest.approx(
+        results["train_loop_tok_s"] / results["bare_step_tok_s"], rel=1e-3)
+    assert results["stage_vs_reference_speed"] == pytest.approx(
+        results["train_loop_tok_s"] / results["quality_reference_tok_s"], rel=1e-3)
+    table = bench.format_table({"device": "cpu", **results})
+    assert "loop / bare step" in table and "stage loop / reference" in table
 
 
 def test_overrides_parse_as_dvc_set_does():

@@ -53,6 +53,12 @@ BAD_PARAMS = {
     "missing source folder": (
         {"corpus": {"sources": ["/nonexistent/attnlab-corpus"]}}, "corpus.sources[0]", "does not exist"
     ),
+    "explorer no examples": ({"explorer": {"n_examples": 0}}, "explorer.n_examples", "> 0"),
+    "explorer more examples than attention_stats": (
+        {"explorer": {"n_examples": 9}, "attention": {"n_examples": 8}}, "explorer.n_examples",
+        "more than attention.n_examples=8",
+    ),
+    "explorer too few tokens": ({"explorer": {"max_tokens": 10}}, "explorer.max_tokens", "at least 20 tokens"),
 }
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from attnlab.report import registry
 from attnlab.report.figures import FIGURES as FIGURE_STAGE_FIGURES
-from attnlab.report.page import METRICS, SAMPLES, build_report, flatten
+from attnlab.report.page import LINKED, METRICS, SAMPLES, build_report, flatten
 from attnlab.report.plots_interventions import INTERVENTION_FIGURES
 from attnlab.report.plots_pe import PE_FIGURES
 from attnlab.report.registry import FIGURES, Figure
@@ -163,8 +163,97 @@ def test_dvc_yaml_figure_foreach_is_the_param_free_figures_of_stages_figure_py()
 def test_report_stage_deps_are_the_registry_metrics_and_samples():
     deps = [d for d in paths(dvc_stages()["report"]["deps"]) if d.startswith("reports/")]
     registered = {f"reports/{f.file}" for f in FIGURES} | {f"reports/{n}" for _, n in METRICS}
-    registered |= {f"reports/{n}" for n in SAMPLES}
+    registered |= {f"reports/{n}" for n in SAMPLES + LINKED}
     assert set(deps) == registered, (
         f"report deps in dvc.yaml: missing {sorted(registered - set(deps))}, not in the registry "
-        f"(registry.FIGURES, page.METRICS, page.SAMPLES) {sorted(set(deps) - registered)}"
+        f"(registry.FIGURES, page.METRICS, page.SAMPLES, page.LINKED) {sorted(set(deps) - registered)}"
     )
+
+
+# ---------------------------------------------------------------------------------------------- findings
+
+
+def write_run_outputs(folder: Path) -> None:
+    """The metrics files of a run, with numbers whose sentences are known."""
+    (folder / "eval.json").write_text(json.dumps(
+        {"val_loss": 3.337091, "unigram_loss": 6.344362, "val_loss_vs_unigram": 3.007271, "val_bpb": 1.454327}))
+    heads = {"L0H0": (12.0, 0.21), "L0H1": (26.8, 0.43), "L1H0": (8.4, 0.30), "L1H1": (10.4, 0.12)}
+    (folder / "attention.json").write_text(json.dumps({"val": {"mean_support": 14.4, "heads": {
+        key: {"mean_support": s, "mean_normalized_support": n} for key, (s, n) in heads.items()}}}))
+    (folder / "interventions.json").write_text(json.dumps({
+        "baseline": {"loss": 3.3, "ppl": 27.8}, "uniform_all": {"loss": 4.3, "ppl": 74.7},
+        "top_k": {"1": {"loss": 3.6, "ppl": 38.6}, "2": {"loss": 3.4, "ppl": 30.0}},
+        "mean_ablate": {"L0H0": {"loss": 3.35, "delta": 0.05}, "L1H1": {"loss": 3.48, "delta": 0.18}}}))
+    (folder / "position_probe.json").write_text(json.dumps(
+        {"position_probe_r2": {"embed": 0.02, "layer 0": 0.71, "layer 1": 0.93}}))
+
+
+def findings_of(page: str) -> dict[str, str]:
+    import html
+    import re
+
+    section = page[page.index('<section id="findings">') : page.index("</section>")]
+    return {topic: html.unescape(text) for topic, text in re.findall(r'<li data-topic="(\w+)">(.*?)</li>', section)}
+
+
+def test_findings_state_the_runs_numbers_in_sentences(tmp_path):
+    write_run_outputs(tmp_path)
+    found = findings_of(build_report(tmp_path))
+    assert list(found) == ["learned", "heads", "interventions", "position"]
+    assert "validation loss of 3.34 nats/token (1.45 bits per byte" in found["learned"]
+    assert "3.01 nats below the unigram baseline of 6.34" in found["learned"]
+    assert "learned well beyond token frequencies" in found["learned"]
+    assert "broadest head is layer 0 head 1, spreading its attention over 26.8 tokens" in found["heads"]
+    assert "(normalized support 0.43)" in found["heads"] and "narrowest is layer 1 head 0 with 8.4" in found["heads"]
+    assert "the narrowest layer 1 head 1 (0.12)" in found["heads"]  # by normalized support, another head
+    assert "multiplies the perplexity by 2.69 (27.8 to 74.7)" in found["interventions"]
+    assert "top-1 attention (each head keeps only its largest score) by 1.39" in found["interventions"]
+    assert "most important head, layer 1 head 1" in found["interventions"] and "0.180 nats" in found["interventions"]
+    assert "R² of 0.02 at embed, 0.71 at layer 0, 0.93 at layer 1" in found["position"]
+    assert "most readably at layer 1 (R² 0.93)" in found["position"]
+
+
+def test_findings_follow_the_numbers_not_a_particular_run(tmp_path):
+    write_run_outputs(tmp_path)
+    (tmp_path / "eval.json").write_text(json.dumps({"val_loss": 6.5, "unigram_loss": 6.3, "val_bpb": 2.0}))
+    (tmp_path / "position_probe.json").write_text(json.dumps({"position_probe_r2": {"embed": -0.2, "layer 0": 0.05}}))
+    found = findings_of(build_report(tmp_path))
+    assert "6.50 nats/token" in found["learned"] and "0.20 nats above the unigram baseline" in found["learned"]
+    assert "learned little beyond token frequencies" in found["learned"]
+    assert "not linearly readable" in found["position"]
+
+
+@pytest.mark.parametrize("content", [None, "not json", "[1, 2]", '{"val": 3, "baseline": [], "mean_ablate": 1}',
+                                     '{"position_probe_r2": {"embed": "x"}, "val_loss": "3"}'])  # fmt: skip
+def test_findings_of_missing_or_odd_inputs_are_short_sentences_never_a_crash(tmp_path, content):
+    for name in ("eval.json", "attention.json", "interventions.json", "position_probe.json"):
+        if content is not None:
+            (tmp_path / name).write_text(content)
+    found = findings_of(build_report(tmp_path))
+    assert len(found) == 4
+    assert "run the evaluate stage" in found["learned"]
+    assert "run the attention_stats stage" in found["heads"]
+    assert "run the interventions stage" in found["interventions"]
+    assert "run the position_analysis stage" in found["position"]
+    assert all(len(text) < 160 for text in found.values())
+
+
+def test_findings_then_figures_then_samples_then_folded_metric_tables(tmp_path):
+    write_run_outputs(tmp_path)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "loss_curve.png").write_bytes(PNG)
+    (tmp_path / "train.json").write_text(json.dumps({"final_val_loss": 3.3}))
+    (tmp_path / "explorer.html").write_text("<!DOCTYPE html>")
+    page = build_report(tmp_path)
+    order = [page.index(mark) for mark in ('<section id="findings">', "<img", "<h2>Samples</h2>", "<h2>Metrics</h2>")]
+    assert order == sorted(order)
+    before_figures = page[: page.index("<img")]
+    assert before_figures.count("<table") == before_figures.count("<details") == 1  # the baseline table, folded
+    metrics = page[page.index("<h2>Metrics</h2>") :]
+    assert metrics.count("<table") == metrics.count('<details class="metrics">') == 5
+    assert '<a href="explorer.html">' in page
+
+
+def test_without_the_explorer_the_page_says_so_instead_of_linking(tmp_path):
+    page = build_report(tmp_path)
+    assert 'href="explorer.html"' not in page and "run the explorer stage" in page

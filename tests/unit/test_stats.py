@@ -207,6 +207,16 @@ def test_stream_matches_capture_and_row_stats(stream_inputs):
         part = df[df["split"] == split]
         for name in ("entropy_bits", "support", "normalized_support"):
             assert summary.metrics[split][f"mean_{name}"] == pytest.approx(float(part[name].astype("float64").mean()), rel=1e-6)
+    # per-head means, val split only: the plain means of each head's rows, averaging to the split's mean
+    heads = summary.metrics["val"]["heads"]
+    assert "heads" not in summary.metrics["train"]
+    assert list(heads) == [f"L{layer}H{head}" for layer in range(L) for head in range(H)]
+    for (layer, head), part in val.groupby(["layer", "head"]):
+        for name in ("support", "normalized_support"):
+            want = float(part[name].astype("float64").mean())
+            assert heads[f"L{layer}H{head}"][f"mean_{name}"] == pytest.approx(want, rel=1e-6), (layer, head, name)
+    mean_of_heads = np.mean([h["mean_support"] for h in heads.values()])
+    assert mean_of_heads == pytest.approx(summary.metrics["val"]["mean_support"], rel=1e-6)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
@@ -222,4 +232,7 @@ def test_stream_is_independent_of_batch_size(stream_inputs, batch_size):
     np.testing.assert_allclose(summary.mean_patterns, base_summary.mean_patterns, rtol=1e-5, atol=1e-7)
     for split in ("train", "val"):
         for key, value in base_summary.metrics[split].items():
-            assert summary.metrics[split][key] == pytest.approx(value, rel=1e-6)
+            if key != "heads":
+                assert summary.metrics[split][key] == pytest.approx(value, rel=1e-6)
+    for key, value in base_summary.metrics["val"]["heads"].items():
+        assert summary.metrics["val"]["heads"][key] == pytest.approx(value, rel=1e-6)

@@ -1,21 +1,31 @@
-"""The evaluate stage's logic: validation loss, perplexity, bits per byte, and samples."""
+"""The evaluate stage's logic: validation loss against the unigram baseline, perplexity, bits per byte, the
+loss at each position of the window (and at twice the trained length), and samples."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from attnlab.analysis.generate import generate, prompt_seed
-from attnlab.analysis.scoring import score_windows, unigram_loss, window_targets
+from attnlab.analysis.scoring import Score, score_windows, unigram_loss, window_targets
 from attnlab.core.device import pick_device
 from attnlab.core.params import Params
 from attnlab.data.tokenizer import load_tokenizer
 from attnlab.data.tokens import check_length, eval_starts, load_meta, load_tokens
 from attnlab.model.checkpoint import load_model
+from attnlab.model.transformer import longer_context
 
 
-def evaluate(params: Params, model_path: Path, tokens_dir: Path, tokenizer_dir: Path) -> tuple[dict, str]:
-    """Returns (metrics, samples markdown)."""
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict  # reports/eval.json
+    by_position: dict  # reports/loss_by_position.json: equal-length lists per curve
+    samples: str  # reports/samples.md
+
+
+def evaluate(params: Params, model_path: Path, tokens_dir: Path, tokenizer_dir: Path, log=print) -> Evaluation:
+    """Scores the model on evaluate's windows (and at 2 x seq_len where its positions allow), samples text."""
     device = pick_device(params.train.device)
     model, meta = load_model(model_path, device)
     train_metrics = meta.get("train_metrics", {})
@@ -41,9 +51,35 @@ def evaluate(params: Params, model_path: Path, tokens_dir: Path, tokenizer_dir: 
         "tokens_per_sec": train_metrics.get("tokens_per_sec"),
         "device": train_metrics.get("device", device.type),
     }
+    by_position = {"position": list(range(seq_len)), "loss": _rounded(score.position_loss),
+                   "tokens": list(score.position_tokens)}
+    longer = score_at_length(model, val_tokens, 2 * seq_len, params, log)
+    if longer is not None:
+        metrics["val_loss_at_2x_seq_len"] = round(longer.loss, 6)
+        by_position.update(position_2x=list(range(2 * seq_len)), loss_2x=_rounded(longer.position_loss),
+                           tokens_2x=list(longer.position_tokens))
     processor = load_tokenizer(tokenizer_dir)
-    samples = samples_markdown(model, processor, params)
-    return metrics, samples
+    return Evaluation(metrics, by_position, samples_markdown(model, processor, params))
+
+
+def score_at_length(model, val_tokens, length: int, params: Params, log) -> Score | None:
+    """The loss on windows of `length` tokens (past the trained length: positions extended by their closed
+    form); None, with the reason in the log, when the variant has no positions there or the split is short."""
+    if model.cfg.pe == "learned":
+        log(f"[evaluate] no loss at {length} tokens: model.pe=learned has no positions past "
+            f"model.seq_len={model.cfg.seq_len}")
+        return None
+    if len(val_tokens) < length + 1:
+        log(f"[evaluate] no loss at {length} tokens: the validation split has only {len(val_tokens):,} tokens")
+        return None
+    starts = eval_starts(len(val_tokens), length, params.eval.max_tokens)
+    batch_size = max(1, params.eval.batch_size * model.cfg.seq_len // length)  # the same tokens per batch
+    with longer_context(model, length):
+        return score_windows(model, val_tokens, starts, length, batch_size, progress=True)
+
+
+def _rounded(values) -> list[float]:
+    return [round(float(v), 6) for v in values]
 
 
 def samples_markdown(model, processor, params: Params, title: str = "Samples") -> str:

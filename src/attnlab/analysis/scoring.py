@@ -32,6 +32,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), next-token targets (
 class Score:
     loss: float  # mean next-token cross-entropy, nats/token
     n_tokens: int  # target tokens scored
+    position_loss: tuple[float, ...] = ()  # mean loss at each position of the window (0 = first target)
+    position_tokens: tuple[int, ...] = ()  # targets scored at each position
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -58,18 +60,26 @@ def score_batches(
     forward pass, e.g. to read attention captured in that same pass."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n_tokens = 0
+    position_sum: torch.Tensor | None = None  # (T,) float64 loss summed over windows
+    position_count: torch.Tensor | None = None  # (T,) windows that reach each position
     for inputs, targets in tqdm(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False):
         with autocast(device, amp):
             logits = model(inputs)  # (B, T, V)
-        loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
-        n_tokens += targets.numel()
+        losses = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
+        T = targets.shape[1]
+        if position_sum is None:
+            position_sum = torch.zeros(T, dtype=torch.float64, device=device)
+            position_count = torch.zeros(T, dtype=torch.int64, device=device)
+        position_sum[:T] += losses.double().sum(0)
+        position_count[:T] += targets.shape[0]
         if after_forward is not None:
             after_forward()
-    if n_tokens == 0:
+    if position_sum is None:
         raise ValueError("score_batches: no tokens to score")
-    return Score(loss=float(loss_sum.item() / n_tokens), n_tokens=n_tokens)
+    n_tokens = int(position_count.sum().item())
+    per_position = (position_sum / position_count.clamp(min=1)).tolist()
+    return Score(loss=float(position_sum.sum().item() / n_tokens), n_tokens=n_tokens,
+                 position_loss=tuple(per_position), position_tokens=tuple(position_count.tolist()))
 
 
 def score_windows(

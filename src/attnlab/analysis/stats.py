@@ -12,7 +12,8 @@ For one head, example and query position t, the weights p_0..p_t over keys 0..t 
 weight on keys after t rather than silently folding it in. `stream_attention_stats` runs the model over seeded
 examples of each split, batch by batch, through capture_attention; only one batch's weights are alive at a time,
 and rows go to a sink (a parquet writer) as arrow tables, so memory stays bounded whatever attention.n_examples
-is. It also accumulates each head's mean attention pattern and the summary metrics.
+is. It also accumulates each head's mean attention pattern and the summary metrics (per split, and per head for
+the val split).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from attnlab.model.transformer import Transformer
 
 STAT_NAMES = ("entropy_bits", "support", "normalized_support", "max_weight", "mean_distance", "weight_on_first")
 METRIC_NAMES = ("entropy_bits", "support", "normalized_support")  # reported as mean_<name> per split
+HEAD_METRIC_NAMES = ("support", "normalized_support")  # reported per head, as mean_<name>, for HEADS_SPLIT only
+HEADS_SPLIT = "val"
 SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())  # pandas category
 
 
@@ -139,7 +142,15 @@ class Summary:
     n_patterns: int = 0  # examples summed into pattern_sums
     stat_sums: dict = field(default_factory=dict)  # split -> {name: float sum}
     stat_counts: dict = field(default_factory=dict)  # split -> number of rows
+    head_sums: dict = field(default_factory=dict)  # split -> {name in HEAD_METRIC_NAMES: (L, H) float64 sum}
     n_rows: int = 0
+
+    def add(self, split: str, stats: dict[str, torch.Tensor]) -> None:
+        """Fold one batch's statistics (name -> (B, L, H, T)) into the split's per-head sums."""
+        sums = self.head_sums.setdefault(split, {name: np.zeros((self.n_layers, self.n_heads)) for name in
+                                                 HEAD_METRIC_NAMES})  # fmt: skip
+        for name in HEAD_METRIC_NAMES:
+            sums[name] += stats[name].double().sum((0, 3)).cpu().numpy()
 
     @property
     def mean_patterns(self) -> np.ndarray:
@@ -148,10 +159,22 @@ class Summary:
 
     @property
     def metrics(self) -> dict:
-        return {
+        """{split: {mean_<name> for METRIC_NAMES}}, and for HEADS_SPLIT also "heads": {"L<layer>H<head>":
+        {mean_<name> for HEAD_METRIC_NAMES}} (every head has the same number of rows, so the mean of the heads'
+        means is the split's mean)."""
+        metrics = {
             split: {f"mean_{name}": self.stat_sums[split][name] / self.stat_counts[split] for name in METRIC_NAMES}
             for split in self.stat_sums
         }
+        if HEADS_SPLIT in metrics and HEADS_SPLIT in self.head_sums:
+            rows_per_head = self.stat_counts[HEADS_SPLIT] / (self.n_layers * self.n_heads)
+            sums = self.head_sums[HEADS_SPLIT]
+            metrics[HEADS_SPLIT]["heads"] = {
+                f"L{layer}H{head}": {f"mean_{name}": float(sums[name][layer, head] / rows_per_head)
+                                     for name in HEAD_METRIC_NAMES}
+                for layer in range(self.n_layers) for head in range(self.n_heads)
+            }  # fmt: skip
+        return metrics
 
 
 def stream_attention_stats(
@@ -192,6 +215,7 @@ def stream_attention_stats(
                     per_layer.append(row_stats(weights))
                     del weights
             stats = {name: torch.stack([s[name] for s in per_layer], 1) for name in STAT_NAMES}  # (B, L, H, T)
+            summary.add(split, stats)
             columns = {name: stats[name].reshape(-1).cpu().numpy() for name in STAT_NAMES}
             for name in STAT_NAMES:
                 sums[name] += float(columns[name].sum(dtype=np.float64))
@@ -261,7 +285,8 @@ def select_examples(tokens: np.ndarray, seq_len: int, n_examples: int, seed: int
 def attention_stats(params: Params, model_path: str | Path, tokens_dir: str | Path, out_dir: str | Path) -> dict:
     """The attention_stats stage: writes out_dir/{stats.parquet, mean_patterns.npy, examples.npz}.
 
-    Returns the metrics {split: {mean_entropy_bits, mean_support, mean_normalized_support}} and a few counts.
+    Returns the metrics {split: {mean_entropy_bits, mean_support, mean_normalized_support}}, with the val split's
+    per-head means under "heads" ({"L0H0": {mean_support, mean_normalized_support}, ...}), and a few counts.
     """
     cfg = params.attention
     model, _ = load_model(model_path, pick_device(params.train.device))

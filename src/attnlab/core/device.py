@@ -24,3 +24,18 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "mps" and not mps_ok:
         raise ConfigError("train.device", "'mps' asked for, but Apple MPS is not available on this machine")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs natively: CUDA that supports it, or a CPU with the avx512_bf16 or amx_bf16 flags.
+    Elsewhere (e.g. CPUs without those flags) bf16 is emulated, far slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: no way to tell here, assume emulated
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & flags)

@@ -248,6 +248,24 @@ class ProbeConfig:
         _non_negative("probe.ridge", self.ridge)
 
 
+EXPLORER_MIN_TOKENS = 20  # the explorer always shows at least this many tokens (fewer only if seq_len is shorter)
+
+
+@dataclass(frozen=True)
+class ExplorerConfig:
+    n_examples: int = 4  # the first validation examples of attention_stats shown in reports/explorer.html
+    max_tokens: int = 192  # each example cropped to its first max_tokens positions: the file grows with its square
+
+    def validate(self) -> None:
+        _positive("explorer.n_examples", self.n_examples)
+        if self.max_tokens < EXPLORER_MIN_TOKENS:
+            raise ConfigError(
+                "explorer.max_tokens",
+                f"{self.max_tokens} is below {EXPLORER_MIN_TOKENS}: the explorer shows at least "
+                f"{EXPLORER_MIN_TOKENS} tokens of each example",
+            )
+
+
 @dataclass(frozen=True)
 class CompareConfig:
     seeds: int = 1  # seeds per variant in `make compare`
@@ -267,6 +285,7 @@ class Params:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    explorer: ExplorerConfig = field(default_factory=ExplorerConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def validate(self) -> None:
@@ -287,6 +306,12 @@ class Params:
             raise ConfigError("attention.token_view_head", f"must be in [0, model.n_heads={self.model.n_heads})")
         if not -self.model.seq_len <= self.attention.token_view_position < self.model.seq_len:
             raise ConfigError("attention.token_view_position", "must index a position below model.seq_len")
+        if self.explorer.n_examples > self.attention.n_examples:
+            raise ConfigError(
+                "explorer.n_examples",
+                f"{self.explorer.n_examples} is more than attention.n_examples={self.attention.n_examples}: the "
+                "explorer shows the first validation examples of attention_stats, which analyses that many",
+            )
         if self.interventions.n_eval_tokens < self.model.seq_len:
             raise ConfigError(
                 "interventions.n_eval_tokens",

@@ -15,7 +15,9 @@ Shapes: B batch, T sequence, D d_model, H heads, Dh head dimension, V vocabulary
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -221,6 +223,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(D) if cfg.norm == "pre" else nn.Identity()
         self.hook_embed = HookPoint()  # (B, T, D) token (+ absolute position) embedding
+        self.max_len = cfg.seq_len  # the length guard; longer_context() opens it for one evaluation
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -244,8 +247,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        if T > self.max_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len} "
+                             "(attnlab.model.transformer.longer_context evaluates past it)")
         x = self.tok_emb(idx) * math.sqrt(self.cfg.d_model)  # (B, T, D)
         if self.cfg.pe == "learned":
             x = x + self.pos_emb.weight[:T]
@@ -287,3 +291,34 @@ def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
 def flops_per_token(cfg: ModelConfig, n_params: int) -> int:
     """Training FLOPs per token: 6 * params + 12 * layers * seq_len * d_model (attention scores)."""
     return 6 * n_params + 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
+
+
+@contextlib.contextmanager
+def longer_context(model: Transformer, length: int) -> Iterator[Transformer]:
+    """Lets the model run on sequences of up to `length` tokens inside the block, for length generalization.
+
+    RoPE angles (rope, rope_model_dim, complex) and the sinusoidal table are extended by their closed forms (the
+    first seq_len rows are unchanged); the length guard is opened. Learned positions have no values past the
+    trained length: ValueError. Everything is restored on exit, also on error.
+    """
+    cfg = model.cfg
+    if cfg.pe == "learned" and length > cfg.seq_len:
+        raise ValueError(f"model.pe=learned has no positions past model.seq_len={cfg.seq_len}")
+    saved: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for attn in model.attention_layers:
+        if hasattr(attn, "rope_cos"):
+            dim = 2 * attn.rope_cos.shape[-1]
+            cos, sin = rope_angles(length, dim, cfg.rope_base)  # (length, dim/2) each
+            saved += [(attn, "rope_cos", attn.rope_cos), (attn, "rope_sin", attn.rope_sin)]
+            attn.rope_cos, attn.rope_sin = cos.to(attn.rope_cos.device), sin.to(attn.rope_sin.device)
+    if cfg.pe == "sinusoidal":
+        saved.append((model, "pos_table", model.pos_table))
+        model.pos_table = sinusoidal_table(length, cfg.d_model).to(model.pos_table.device)  # (length, D)
+    old_max = model.max_len
+    model.max_len = max(length, old_max)
+    try:
+        yield model
+    finally:
+        model.max_len = old_max
+        for module, name, tensor in saved:
+            setattr(module, name, tensor)

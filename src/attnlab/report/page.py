@@ -1,20 +1,24 @@
-"""reports/index.html: one self-contained page of the whole study — metrics, loss curve, every figure with a
-caption saying what to look for, the token view and the generated samples.
+"""reports/index.html: one self-contained page of the whole study, in the order a reader wants it: the findings
+(plain sentences with the run's numbers, each computed from its outputs), then every figure with a caption
+saying what to look for, grouped as the pipeline runs (training, attention, interventions, positional encoding),
+the generated samples, and at the end the full metric tables, folded. It links the attention explorer
+(explorer.html, relative, next to it).
 
 Images are embedded as base64 data URIs and HTML pages (attn_tokens.html) as sandboxed iframes (srcdoc), so
 the page opens from disk with no server and no network. Every input is optional: a missing one becomes a
-short note on the page, never a crash. The HTML is templates/index.html (autoescaped); the samples' Markdown
-goes through markdown-it-py.
+short note on the page (a finding says what is missing), never a crash. The HTML is templates/index.html
+(autoescaped); the samples' Markdown goes through markdown-it-py.
 
 The figures, their sections and captions come from the registry (attnlab.report.registry): a new figure is one
 entry there. Sections appear in the order of registry.SECTIONS, then in order of first use. Metrics files
-are METRICS, Markdown files shown at the end SAMPLES.
+are METRICS, Markdown files shown at the end SAMPLES, pages the report links LINKED.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,8 @@ METRICS: list[tuple[str, str]] = [  # (title, file relative to the reports folde
 ]
 
 SAMPLES = ["samples.md", "intervention_samples.md"]  # markdown files shown at the end, in this order
+EXPLORER = "explorer.html"  # the attention explorer (the explorer stage), linked, not embedded
+LINKED = [EXPLORER]  # pages next to index.html that it links to
 MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg"}
 
 
@@ -116,10 +122,19 @@ def sections(figures: list[Figure] | tuple[Figure, ...]) -> list[tuple[str, list
 
 
 def _read(reports: Path, name: str) -> dict:
+    """A metrics file's JSON object; {} when it is missing, not JSON or not an object."""
     try:
-        return json.loads((reports / name).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        obj = json.loads((reports / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _dict(obj: dict, *keys: str) -> dict:
+    """obj[keys[0]][keys[1]]... when that is a dict, else {}."""
+    for key in keys:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) else {}
 
 
 def verdict(gap: float) -> str:
@@ -154,6 +169,115 @@ def baseline(reports: Path) -> Baseline | None:
     return Baseline(table, f"{ev['val_loss']:.3f}", f"{ev['unigram_loss']:.3f}", f"{gap:.2f}", verdict(gap))
 
 
+# ---------------------------------------------------------------------------------------------- findings
+
+
+def _number(obj: dict, *keys: str) -> float | None:
+    """obj[keys[0]][keys[1]]... as a finite float, or None when any key is missing or the value is not a number."""
+    for key in keys:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    if isinstance(obj, bool) or not isinstance(obj, (int, float)) or not math.isfinite(obj):
+        return None
+    return float(obj)
+
+
+def finding_learned(ev: dict) -> str:
+    """Whether the model learned: val_loss (2 decimals), bits per byte, the gap to the unigram baseline."""
+    loss = _number(ev, "val_loss")
+    if loss is None:
+        return "Whether the model learned is not known yet: reports/eval.json has no val_loss (run the evaluate stage)."
+    bpb = _number(ev, "val_bpb")
+    text = f"The model reaches a validation loss of {loss:.2f} nats/token"
+    text += f" ({bpb:.2f} bits per byte of source)" if bpb is not None else ""
+    unigram = _number(ev, "unigram_loss")
+    if unigram is None:
+        return text + "; evaluate reported no unigram baseline to compare it with."
+    gap = _number(ev, "val_loss_vs_unigram")
+    gap = unigram - loss if gap is None else gap
+    side = "below" if gap >= 0 else "above"
+    return (f"{text}, {abs(gap):.2f} nats {side} the unigram baseline of {unigram:.2f} (the train split's token "
+            f"frequencies alone): it {verdict(gap)}.")  # fmt: skip
+
+
+def _head(key: str) -> str:
+    """'L1H2' -> 'layer 1 head 2'."""
+    layer, _, head = key[1:].partition("H")
+    return f"layer {layer} head {head}" if layer.isdigit() and head.isdigit() else key
+
+
+def finding_heads(att: dict) -> str:
+    """The broadest and the narrowest head of the val split, by mean support (and normalized support)."""
+    means = {key: (_number(h, "mean_support"), _number(h, "mean_normalized_support"))
+             for key, h in _dict(att, "val", "heads").items()}  # fmt: skip
+    means = {key: m for key, m in means.items() if None not in m}
+    if not means:
+        return ("No per-head attention means in reports/attention.json (run the attention_stats stage): "
+                "the broadest and the narrowest head are not known.")  # fmt: skip
+    broad, narrow = max(means, key=lambda k: means[k][0]), min(means, key=lambda k: means[k][0])
+    text = (f"On validation examples the broadest head is {_head(broad)}, spreading its attention over "
+            f"{means[broad][0]:.1f} tokens on average (normalized support {means[broad][1]:.2f}), and the narrowest "
+            f"is {_head(narrow)} with {means[narrow][0]:.1f} tokens (normalized support {means[narrow][1]:.2f}).")
+    broad_n, narrow_n = max(means, key=lambda k: means[k][1]), min(means, key=lambda k: means[k][1])
+    if (broad_n, narrow_n) != (broad, narrow):
+        text += (f" Relative to the tokens each position can see, the broadest is {_head(broad_n)} "
+                 f"({means[broad_n][1]:.2f}) and the narrowest {_head(narrow_n)} ({means[narrow_n][1]:.2f}).")
+    return text
+
+
+def finding_interventions(iv: dict) -> str:
+    """How much worse the model gets with uniform and hard top-1 attention, and without its most important head."""
+    base = _number(iv, "baseline", "ppl")
+    if base is None:
+        return "No interventions yet: reports/interventions.json has no baseline (run the interventions stage)."
+    uniform, top1 = _number(iv, "uniform_all", "ppl"), _number(iv, "top_k", "1", "ppl")
+    parts = []
+    if uniform is not None:
+        parts.append(f"Uniform attention in every head multiplies the perplexity by {uniform / base:.2f} "
+                     f"({base:.1f} to {uniform:.1f})")  # fmt: skip
+    parts.append(f"hard top-1 attention (each head keeps only its largest score) by {top1 / base:.2f}"
+                 if top1 is not None else "hard top-1 attention was not measured (no 1 in interventions.top_k)")
+    ablated = {key: _number(row, "delta") for key, row in _dict(iv, "mean_ablate").items()}
+    ablated = {key: delta for key, delta in ablated.items() if delta is not None}
+    if ablated:
+        key = max(ablated, key=ablated.get)
+        parts.append(f"without its most important head, {_head(key)} (replaced by its mean output), the loss "
+                     f"rises by {ablated[key]:.3f} nats (perplexity × {math.exp(ablated[key]):.2f})")
+    else:
+        parts.append("no head was mean-ablated")
+    text = "; ".join(parts) + "."
+    return text[0].upper() + text[1:]
+
+
+def finding_position(pp: dict) -> str:
+    """Where position lives: the held-out R^2 of the linear position probe at each point of the residual stream."""
+    r2 = {point: _number(_dict(pp, "position_probe_r2"), point) for point in _dict(pp, "position_probe_r2")}
+    r2 = {point: value for point, value in r2.items() if value is not None}
+    if not r2:
+        return "No position probe yet: reports/position_probe.json is missing (run the position_analysis stage)."
+    best = max(r2, key=r2.get)
+    listed = ", ".join(f"{value:.2f} at {point}" for point, value in r2.items())
+    text = f"A linear probe reading the absolute position from the residual stream reaches a held-out R² of {listed}."
+    if r2[best] >= 0.5:
+        return text + f" Position lives in the residual stream, most readably at {best} (R² {r2[best]:.2f})."
+    if r2[best] >= 0.1:
+        return text + f" Position is only partly in the residual stream (at best R² {r2[best]:.2f}, at {best})."
+    return text + (" Position is not linearly readable from the stream anywhere (R² 0 is no better than guessing the "
+                   "mean position): what the model knows of position it uses inside attention, as rotary encodings "
+                   "apply it, rather than storing it in the stream.")
+
+
+def findings(reports: Path) -> list[tuple[str, str]]:
+    """(topic, sentence) for the top of the page, each computed from the run's outputs."""
+    return [
+        ("learned", finding_learned(_read(reports, "eval.json"))),
+        ("heads", finding_heads(_read(reports, "attention.json"))),
+        ("interventions", finding_interventions(_read(reports, "interventions.json"))),
+        ("position", finding_position(_read(reports, "position_probe.json"))),
+    ]
+
+
 def sample_html(reports: Path, name: str) -> str | None:
     """A Markdown file as HTML, its headings under the page's h2; None when it is missing."""
     path = reports / name
@@ -169,6 +293,8 @@ def build_report(reports: str | Path, figures: list[Figure] | tuple[Figure, ...]
     figures = registry.FIGURES if figures is None else figures
     return render(
         "index.html",
+        findings=findings(reports),
+        explorer=EXPLORER if (reports / EXPLORER).exists() else None,
         baseline=baseline(reports),
         metrics=[metric_table(reports, title, name) for title, name in METRICS],
         sections=[(s, [figure_view(reports, f) for f in group]) for s, group in sections(figures)],
@@ -179,4 +305,5 @@ def build_report(reports: str | Path, figures: list[Figure] | tuple[Figure, ...]
 def missing_inputs(reports: str | Path, figures: list[Figure] | tuple[Figure, ...] | None = None) -> list[str]:
     reports = Path(reports)
     names = [f.file for f in (registry.FIGURES if figures is None else figures)] + [n for _, n in METRICS] + SAMPLES
+    names += LINKED
     return [n for n in names if not (reports / n).exists()]

@@ -30,3 +30,25 @@ def loss_curve(log: pd.DataFrame, val_log: pd.DataFrame) -> plt.Figure:
     fig.tight_layout()
     return fig
 
+
+
+def loss_by_position_figure(curves: dict, metrics: dict) -> plt.Figure:
+    """loss_by_position.png: the loss at each position of the window (how much the model gains from context),
+    at the trained length and, where evaluate scored it, at twice that length."""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=DPI)
+    if "loss_2x" in curves:
+        ax.plot(curves["position_2x"], curves["loss_2x"], color="tab:red", linewidth=1.2,
+                label=f"windows of 2 x seq_len (mean {metrics.get('val_loss_at_2x_seq_len', float('nan')):.3f})")
+    ax.plot(curves["position"], curves["loss"], color="tab:blue", linewidth=1.8,
+            label=f"windows of seq_len (mean {metrics.get('val_loss', float('nan')):.3f})")
+    if curves["position"]:
+        ax.axvline(len(curves["position"]) - 0.5, color="black", ls=":", label="trained length")
+    if "unigram_loss" in metrics:
+        ax.axhline(metrics["unigram_loss"], color="gray", ls="--", label="unigram baseline")
+    ax.set_xlabel("position in the window (tokens of context before the target)")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.set_title("Loss by position: the gain from context, and past the trained length")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -57,6 +57,12 @@ FIGURES: tuple[Figure, ...] = (
         "overfitting.",
         stage="loss_curve",
     ),
+    Figure(
+        "loss_by_position.png", "Training",
+        "Validation loss at each position of the window: how much the model gains from more context, and (red) "
+        "what happens past the trained length, where a positional encoding that does not generalize breaks down.",
+        stage="loss_curve",
+    ),
     _attention(
         "attn_weights_support.png",
         "Support (effective number of attended tokens) for one batch: look for heads that stay dark (focused) "

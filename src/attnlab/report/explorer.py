@@ -1,0 +1,107 @@
+"""reports/explorer.html: every head's attention on a few validation examples, token by token, in the browser.
+
+One self-contained file (templates/explorer.html): the data sits in a <script type="application/json"> and the
+script inline, no CDN and no network request, so it opens from disk. The reader picks an example, a layer and a
+head (select#example, select#layer, select#head, whose option values are the example, layer and head numbers of
+stats.parquet) and clicks a token: it becomes the query (class `query`), every token (class `tok`, `data-pos`
+its position in the window) gets `data-weight`, the weight the head pays from the query to it (0 after the
+query), shown as its background, and a layers x heads grid shows each head's support at that query. The arrow
+keys move the query.
+
+Weights are stored compactly: per example, the lower triangle of every head's (n, n) matrix (row t holds keys
+0..t, rows in order), as little-endian float16, base64. float16 keeps 11 significant bits, so a row sums to 1
+within about 1e-3 and its entropy within a few thousandths of a bit; the page renormalises each row it shows.
+Size: about N x L x H x n^2 / 2 x 2 bytes x 4/3 (base64), see explorer_size_bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+from markupsafe import Markup
+
+from attnlab.analysis.explorer import ExplorerData
+from attnlab.core.errors import ConfigError
+from attnlab.report.templating import render
+from attnlab.report.token_view import piece_text
+
+WEIGHT_DTYPE = "<f2"  # little-endian float16, as the page decodes it
+
+
+def lower_triangle(weights: np.ndarray) -> np.ndarray:
+    """(..., n, n) -> (..., n(n+1)/2): row t's keys 0..t, rows in order, so row t starts at t(t+1)/2."""
+    n = weights.shape[-1]
+    rows, cols = np.tril_indices(n)
+    return weights[..., rows, cols]
+
+
+def pack_weights(weights: np.ndarray) -> str:
+    """One example's (L, H, n, n) weights as base64 of float16 lower triangles, layer by layer, head by head."""
+    return base64.b64encode(lower_triangle(weights).astype(WEIGHT_DTYPE).tobytes()).decode("ascii")
+
+
+def unpack_weights(text: str, n_layers: int, n_heads: int, n_tokens: int) -> np.ndarray:
+    """pack_weights undone (tests, notebooks): (L, H, n, n) float32, zero above the diagonal."""
+    tri = np.frombuffer(base64.b64decode(text), dtype=WEIGHT_DTYPE).astype(np.float32)
+    out = np.zeros((n_layers, n_heads, n_tokens, n_tokens), dtype=np.float32)
+    rows, cols = np.tril_indices(n_tokens)
+    out[..., rows, cols] = tri.reshape(n_layers, n_heads, -1)
+    return out
+
+
+def explorer_size_bytes(n_examples: int, n_layers: int, n_heads: int, n_tokens: int) -> int:
+    """The weights' share of the page in bytes (base64 of float16 lower triangles); the rest is a few KB plus
+    the token text."""
+    raw = n_examples * n_layers * n_heads * n_tokens * (n_tokens + 1) // 2 * 2
+    return 4 * ((raw + 2) // 3)
+
+
+def script_json(obj) -> str:
+    """JSON safe inside <script>: <, > and & as \\u escapes, so no source text can close the element."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def token_pieces(sp, tokens: np.ndarray) -> list[list[str]]:
+    """Display text of every token (N, n), checked against the tokenizer's vocabulary."""
+    if tokens.size and int(tokens.max()) >= sp.get_piece_size():
+        raise ConfigError(
+            "--tokenizer",
+            f"has {sp.get_piece_size()} pieces but the examples hold token id {int(tokens.max())}: the tokenizer "
+            "and the examples come from different runs",
+        )
+    return [[piece_text(sp, int(t)) for t in row] for row in tokens]
+
+
+def explorer_payload(data: ExplorerData, pieces: list[list[str]]) -> dict:
+    """Everything the page's script reads."""
+    _, n_layers, n_heads, n_tokens, _ = data.weights.shape
+    return {
+        "split": data.split,
+        "n_layers": int(n_layers),
+        "n_heads": int(n_heads),
+        "n_tokens": int(n_tokens),
+        "seq_len": int(data.seq_len),
+        "dtype": "float16",
+        "examples": [
+            {"example": int(e), "start": int(start), "pieces": pieces[i], "weights": pack_weights(data.weights[i])}
+            for i, (e, start) in enumerate(zip(data.examples, data.starts))
+        ],
+    }
+
+
+def explorer_html(data: ExplorerData, sp) -> str:
+    """The whole page. sp: the SentencePiece processor (attnlab.data.tokenizer.load_tokenizer) for token text."""
+    payload = explorer_payload(data, token_pieces(sp, data.tokens))
+    return render(
+        "explorer.html",
+        split=data.split,
+        examples=[(e, int(s)) for e, s in zip(data.examples, data.starts)],
+        layers=range(payload["n_layers"]),
+        heads=range(payload["n_heads"]),
+        n_tokens=payload["n_tokens"],
+        seq_len=payload["seq_len"],
+        data_json=Markup(script_json(payload)),  # escaped for <script> by script_json, not for HTML text
+    )

@@ -1,0 +1,41 @@
+"""explorer stage: reports/explorer.html, every head's attention on the first explorer.n_examples validation
+examples of attention_stats, token by token, in one self-contained page that opens from disk."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from attnlab.analysis.explorer import explorer_data
+from attnlab.core.cli import run_cli
+from attnlab.core.io import write_text
+from attnlab.core.params import load_params
+from attnlab.data.tokenizer import load_tokenizer
+from attnlab.report.explorer import explorer_html
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True, help="models/model.pt")
+    parser.add_argument("--attention", required=True, help="data/attention (the attention_stats outputs)")
+    parser.add_argument("--tokenizer", required=True, help="data/tokenizer (or its tokenizer.model)")
+    parser.add_argument("--out", required=True, help="reports/explorer.html")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    start = time.perf_counter()
+    sp = load_tokenizer(args.tokenizer)
+    data = explorer_data(params, args.model, args.attention)
+    write_text(args.out, explorer_html(data, sp))
+    _, n_layers, n_heads, n_tokens, _ = data.weights.shape
+    size_mb = Path(args.out).stat().st_size / 1e6
+    print(
+        f"explorer: wrote {args.out} ({size_mb:.2f} MB: {len(data.examples)} {data.split} examples x {n_layers} layers "
+        f"x {n_heads} heads x {n_tokens} of {data.seq_len} tokens) in {time.perf_counter() - start:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
