@@ -67,6 +67,14 @@ def _split_hists(ax, df: pd.DataFrame, column: str, bins: np.ndarray, mean_fmt: 
 # ------------------------------------------------------------------------------------------------ figures
 
 
+def _finish(fig: Figure, axes, title: str) -> None:
+    """A legend on each panel, the figure's title, and a tight layout."""
+    for ax in axes:
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+
+
 def weights_support(df: pd.DataFrame, n_examples: int, split: str = "train") -> Figure:
     """attn_weights_support.png: support of one batch, an example x position heatmap per layer/head."""
     L, H, T = shape_of(df)
@@ -112,10 +120,8 @@ def support_hist_all(df: pd.DataFrame) -> Figure:
             ylabel="density (share of rows per token)",
             title="Raw support (tokens), for reference",
         )
-        ax_n.legend()
-        ax_s.legend()
-        fig.suptitle("Support over all layers, heads and query positions: mass near 0 (left) = sharp attention")
-        fig.tight_layout()
+        _finish(fig, (ax_n, ax_s), "Support over all layers, heads and query positions: mass near 0 (left) = sharp "
+                "attention")
     return fig
 
 
@@ -142,10 +148,7 @@ def support_vs_seq_len(df: pd.DataFrame) -> Figure:
             ylabel="normalized support (support / (position + 1))",
             title="Normalized support (mean +- std)",
         )
-        ax_s.legend()
-        ax_n.legend()
-        fig.suptitle("How many tokens attention spreads over, by query position (all layers and heads)")
-        fig.tight_layout()
+        _finish(fig, (ax_s, ax_n), "How many tokens attention spreads over, by query position (all layers and heads)")
     return fig
 
 
