@@ -36,6 +36,7 @@ from attnlab.core.errors import ConfigError
 METRICS: dict[str, tuple[str, str]] = {
     "val_loss": ("reports/eval.json", "val_loss"),
     "val_bpb": ("reports/eval.json", "val_bpb"),
+    "val_loss_at_2x_seq_len": ("reports/eval.json", "val_loss_at_2x_seq_len"),  # absent for pe=learned
     "n_params": ("reports/eval.json", "n_params"),
     "tokens_per_sec": ("reports/train.json", "tokens_per_sec"),
     "mean_entropy_bits": ("reports/attention.json", "val.mean_entropy_bits"),
@@ -260,9 +261,14 @@ def plot(summary: pd.DataFrame, table: pd.DataFrame, keys: list[str]):
         for key in keys:
             same &= done[key].map(show) == row[key]
         ax.scatter([i] * int(same.sum()), done.loc[same, "val_loss"], color="black", s=12, zorder=3)
+    at_2x = summary["val_loss_at_2x_seq_len_mean"]
+    if at_2x.notna().any():  # length generalization: the loss on windows of twice the trained length
+        ax.errorbar(x, at_2x, yerr=summary["val_loss_at_2x_seq_len_std"].fillna(0.0), fmt="D", color="tab:red",
+                    capsize=3, label="at 2 x seq_len")
+        ax.legend()
     ax.set_xticks(x, summary["variant"], rotation=30, ha="right")
     low = float((summary["val_loss_mean"] - yerr).min())
-    high = float((summary["val_loss_mean"] + yerr).max())
+    high = float(pd.concat([summary["val_loss_mean"] + yerr, at_2x]).max())
     margin = 0.1 * (high - low + 0.1)
     ax.set_ylim(max(0.0, low - margin), high + margin)
     ax.set_xlabel(", ".join(k.removeprefix("params.") for k in keys) if keys else "experiments")
