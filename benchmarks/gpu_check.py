@@ -28,8 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -114,28 +113,20 @@ def run_params(args: argparse.Namespace, base: Params, vocab_size: int) -> Param
     return load_params(args.params, overrides)
 
 
-@contextmanager
-def flush_marks() -> Iterator[list[tuple[float, int, float]]]:
-    """Records (time, steps done, validation seconds so far) right after each of train()'s log flushes.
+def flush_marks() -> tuple[list[tuple[float, int, float]], Callable[[loop.Run], None]]:
+    """A list and the train() on_flush callback that fills it with (time, steps done, validation seconds so far).
 
     train.json's tokens_per_sec averages over the whole run, so on CUDA it includes torch.compile's first
     step (tens of seconds). Each flush moves the pending losses to the host, a sync point, so the time
     between two flushes is the time of the steps between them: the tokens/s of a window that starts after the
-    warm-up is the steady throughput of the very same loop. train() looks flush_logs up in its module at
-    each call, so wrapping it there times the stage's own loop without changing it.
+    warm-up is the steady throughput of the very same loop.
     """
     marks: list[tuple[float, int, float]] = []
-    original = loop.flush_logs
 
-    def recording(run: loop.Run, *args, **kwargs) -> None:
-        original(run, *args, **kwargs)
+    def record(run: loop.Run) -> None:
         marks.append((time.time(), int(run.rows[-1][0]) + 1, run.eval_seconds))
 
-    loop.flush_logs = recording
-    try:
-        yield marks
-    finally:
-        loop.flush_logs = original
+    return marks, record
 
 
 def steady_throughput(marks: list[tuple[float, int, float]], tokens_per_step: int, warmup_steps: int) -> dict:
@@ -167,8 +158,8 @@ def train_timed(params: Params, tokens_dir: Path, tmp: Path, warmup_steps: int) 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.time()
-    with flush_marks() as marks:
-        metrics = loop.train(params, paths)
+    marks, record = flush_marks()
+    metrics = loop.train(params, paths, on_flush=record)
     seconds = time.time() - start
     memory, memory_source = peak_memory_mb(device)
     per_step = params.train.batch_size * params.model.seq_len

@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -86,8 +87,11 @@ class Run:
         return self.paths.checkpoints / "ckpt.pt"
 
 
-def train(params: Params, paths: TrainPaths) -> dict:
-    """Trains the model of `params` on the token files; writes the model, logs, metrics; returns the metrics."""
+def train(params: Params, paths: TrainPaths, on_flush: Callable[[Run], None] | None = None) -> dict:
+    """Trains the model of `params` on the token files; writes the model, logs, metrics; returns the metrics.
+
+    on_flush(run), if given, runs right after each log flush (a host sync point), e.g. to time a window of steps.
+    """
     run = set_up(params, paths)
     cfg = params.train
     ckpt_every = max(1, int(round(cfg.checkpoint_every_frac * run.budget.steps)))
@@ -103,6 +107,8 @@ def train(params: Params, paths: TrainPaths) -> dict:
             at_checkpoint = done % ckpt_every == 0
             if len(run.pending) == cfg.log_every or done == run.budget.steps or at_checkpoint:
                 flush_logs(run, bar, started)
+                if on_flush is not None:
+                    on_flush(run)
                 at_checkpoint = at_checkpoint or time_for_checkpoint(run)
             if done % eval_every == 0 or done == run.budget.steps:
                 validate(run, done)
