@@ -16,7 +16,7 @@ QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sam
 	-S probe.n_examples=16
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv run quick test bench gpu-check compare sweep clean-venv
+.PHONY: venv run quick test bench bench-compile gpu-check compare sweep clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: venv  ## the test suite
 
 bench: venv  ## throughput figures + quality against a reference GPT at the quick shape -> reports/bench.json
 	$(BIN)/python -m benchmarks.bench --out reports/bench.json $(subst -S ,--set ,$(QUICK_PARAMS))
+
+bench-compile: venv  ## torch.compile against eager on the CPU, quick and default shape, compile time included -> reports/bench_compile.json
+	$(BIN)/python -m benchmarks.bench_compile --out reports/bench_compile.json
 
 # On a machine without CUDA it refuses at once (exit status 1, the last line of the script says CUDA is needed).
 gpu-check: venv  ## one CUDA GPU: data stages, a few hundred bf16 + compile steps of the default shape, attention analysis -> reports/gpu_check.json (DRY_RUN=1: CPU, tiny shape)

@@ -62,7 +62,8 @@ def quality_comparison(params: Params, tokens_dir: str | Path, log=print) -> dic
     with tempfile.TemporaryDirectory(prefix="attnlab-quality-") as tmp:
         out = Path(tmp)
         paths = TrainPaths(tokens=Path(tokens_dir), model=out / "model.pt", checkpoints=out / "checkpoints",
-                           log=out / "log.tsv", val_log=out / "val.tsv", metrics=out / "train.json")
+                           log=out / "log.tsv", val_log=out / "val.tsv", metrics=out / "train.json",
+                           snapshots=out / "snapshots")
         log(f"quality: training attnlab ({budget.steps} steps of {params.train.batch_size} x {m.seq_len})")
         metrics = train(params, paths)
         model, _ = load_model(paths.model, "cpu")

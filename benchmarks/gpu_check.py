@@ -154,7 +154,8 @@ def train_timed(params: Params, tokens_dir: Path, tmp: Path, warmup_steps: int) 
     """Trains with the train stage's own function; its metrics plus the steady tokens/s and peak memory."""
     device = torch.device(params.train.device)
     paths = loop.TrainPaths(tokens=tokens_dir, model=tmp / "model.pt", checkpoints=tmp / "checkpoints",
-                            log=tmp / "train_log.tsv", val_log=tmp / "val_log.tsv", metrics=tmp / "train.json")
+                            log=tmp / "train_log.tsv", val_log=tmp / "val_log.tsv", metrics=tmp / "train.json",
+                            snapshots=tmp / "snapshots")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.time()

@@ -13,11 +13,19 @@ import torch
 from attnlab.model.transformer import CausalSelfAttention
 
 
-def linear_rows(x: torch.Tensor, linear: torch.nn.Linear) -> list[list[list[float]]]:
-    """x (B, T, D) through a Linear, by loops: out[b][t][o] = sum_i x[b][t][i] * W[o][i] + bias[o]."""
+def qkv_weights(layer: CausalSelfAttention) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight (D, D), bias (D,)) of Q, K and V: the row blocks [0, D), [D, 2D), [2D, 3D) of the fused map."""
+    D = layer.d_model
+    if layer.fused:
+        return [(layer.qkv.weight[i * D : (i + 1) * D], layer.qkv.bias[i * D : (i + 1) * D]) for i in range(3)]
+    return [(proj.linear.weight, proj.linear.bias) for proj in (layer.q_proj, layer.k_proj, layer.v_proj)]
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> list[list[list[float]]]:
+    """x (B, T, D) through a linear map, by loops: out[b][t][o] = sum_i x[b][t][i] * W[o][i] + bias[o]."""
     xs = x.tolist()
-    weight = linear.weight.tolist()
-    bias = linear.bias.tolist()
+    weight = weight.tolist()
+    bias = bias.tolist()
     out = []
     for row_b in xs:
         out_b = []
@@ -52,9 +60,7 @@ def loop_attention(
     B, T, D = x.shape
     H, Dh = layer.n_heads, layer.d_head
     base = rope_base
-    q = linear_rows(x, layer.q_proj.linear)  # B x T x D
-    k = linear_rows(x, layer.k_proj.linear)
-    v = linear_rows(x, layer.v_proj.linear)
+    q, k, v = (linear_rows(x, weight, bias) for weight, bias in qkv_weights(layer))  # B x T x D each
     if layer.pe == "rope_model_dim":
         q = [[rotate_pairs(q[b][t], t, base) for t in range(T)] for b in range(B)]
         k = [[rotate_pairs(k[b][t], t, base) for t in range(T)] for b in range(B)]
@@ -85,7 +91,7 @@ def loop_attention(
                     heads_out[b][position][h * Dh + i] = sum(
                         weights[key_pos] * v_h[key_pos][i] for key_pos in range(position + 1)
                     )
-    out = linear_rows(torch.tensor(heads_out, dtype=torch.float64), layer.out_proj)
+    out = linear_rows(torch.tensor(heads_out, dtype=torch.float64), layer.out_proj.weight, layer.out_proj.bias)
     return torch.tensor(out, dtype=torch.float64), torch.tensor(pattern, dtype=torch.float64)
 
 

@@ -18,9 +18,10 @@ import torch
 import yaml
 
 from attnlab.core.params import ModelConfig
-from attnlab.model.checkpoint import save_model
+from attnlab.model.checkpoint import load_model, save_model
 from attnlab.model.transformer import Transformer
 from attnlab.report.figures import FIGURES
+from attnlab.training.snapshots import save_snapshot
 
 pytestmark = pytest.mark.xdist_group("attention_stages")
 
@@ -95,12 +96,24 @@ STATS_ARGS = [
 ]  # fmt: skip
 
 
+DYNAMICS_ARGS = [
+    "--params", "params.yaml", "--snapshots", "models/snapshots", "--tokens", "data/tokens", "--reference",
+    "reports/attention.json", "--out", "data/attention/dynamics.parquet", "--metrics", "reports/attention_dynamics.json",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     project = build_project(tmp_path_factory.mktemp("attention"))
     result = run_stage("attention_stats.py", *STATS_ARGS, cwd=project)
     assert result.returncode == 0, result.stderr
     assert "attention_stats:" in result.stdout
+    model, _ = load_model(project / "models" / "model.pt")
+    for step in (1, 2):  # two snapshots of the same weights, for attention_dynamics (one figure reads it)
+        save_snapshot(project / "models" / "snapshots", model, step, step * 4 * SEQ_LEN)
+    result = run_stage("attention_dynamics.py", *DYNAMICS_ARGS, cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("attention_dynamics: 2 snapshots")
     return project
 
 

@@ -149,10 +149,15 @@ def test_cli_renders_a_saved_table_and_escapes_html(toy_repo, tmp_path):
     out, figure = tmp_path / "page.html", tmp_path / "fig.png"
     proc = subprocess.run(
         [sys.executable, "-m", "attnlab.report.compare", "--exp-json", str(saved), "--params",
-         str(toy_repo / "params.yaml"), *sets(PROFILE), "--grid", *GRID, "--out", str(out), "--figure", str(figure)],
+         str(toy_repo / "params.yaml"), *sets(PROFILE), "--grid", *GRID, "--out", str(out), "--figure", str(figure),
+         "--markdown", "table.md"],
         check=False, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("compare: 4 experiments (4 succeeded) in 2 group(s)")
+    markdown = (tmp_path / "table.md").read_text().splitlines()
+    assert markdown[0] == "| variant | seeds | val_loss | val_bpb | val_loss_at_2x_seq_len | mean_entropy_bits | tokens_per_sec |"
+    assert [line.split(" | ")[:2] for line in markdown[2:]] == [["| 1", "2"], ["| 2", "2"]]  # by mean val_loss
+    assert markdown[2].split(" | ")[2] == "1.2500 \u00b1 0.2121"  # mean ± std over the two seeds
     page = out.read_text()
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;" in page
     assert "<script>" not in page

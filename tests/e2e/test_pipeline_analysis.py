@@ -62,7 +62,7 @@ def test_position_analysis_and_pe_heatmap_figures(dvc_project):
 
 ATTENTION_FIGURES = ("attn_weights_support", "attn_support_hist_all", "attn_support_vs_seq_len",
                      "attn_support_hist_by_block_head_w_seq_len_filter", "attn_entropy_heatmap",
-                     "attn_head_diversity", "attn_mean_patterns")
+                     "attn_head_diversity", "attn_mean_patterns", "attn_support_over_training")
 
 
 def test_attention_stats_parquet_has_the_schema_and_bounds(dvc_project):
@@ -83,6 +83,21 @@ def test_attention_stats_parquet_has_the_schema_and_bounds(dvc_project):
     metrics = json.loads((dvc_project.path / "reports/attention.json").read_text())
     for split in ("train", "val"):
         assert {"mean_entropy_bits", "mean_support", "mean_normalized_support"} <= set(metrics[split])
+
+
+def test_attention_dynamics_follows_the_snapshots_of_training_to_the_final_model(dvc_project):
+    import pandas as pd
+
+    p = dvc_project.path
+    table = pd.read_parquet(p / "data/attention/dynamics.parquet")
+    steps = table.drop_duplicates("step")
+    assert len(steps) >= 2 and steps["train_tokens"].is_monotonic_increasing
+    assert (table.groupby("step").size() == 2 * 2).all()  # TINY_PARAMS: 2 layers x 2 heads per snapshot
+    train = json.loads((p / "reports/train.json").read_text())
+    assert steps["step"].iloc[-1] == train["steps"] and steps["train_tokens"].iloc[-1] == train["train_tokens"]
+    metrics = json.loads((p / "reports/attention_dynamics.json").read_text())
+    assert metrics["n_snapshots"] == len(steps) and metrics["last_vs_attention_stats"]["within_tolerance"]
+    assert_png(p / "reports/figures/attn_support_over_training.png")
 
 
 def test_every_attention_figure_and_the_token_view_exist(dvc_project):

@@ -68,9 +68,9 @@ def _train(tmp_path, name, extra=None):
     return run_stage("train.py", *_train_args(tmp_path, name, extra), cwd=tmp_path), tmp_path / name
 
 
-def _train_killed(tmp_path, name):
+def _train_killed(tmp_path, name, extra=None):
     """Start a run and SIGKILL it from outside once its first checkpoint is on disk, as a dying machine would."""
-    cmd = stage_command("train.py", *_train_args(tmp_path, name))
+    cmd = stage_command("train.py", *_train_args(tmp_path, name, extra))
     killed = kill_when_checkpoint_appears(cmd, tmp_path / name / "checkpoints" / "ckpt.pt", cwd=tmp_path,
                                           env=stage_env())
     assert killed.returncode == -9, killed.stderr
@@ -104,12 +104,14 @@ def test_training_learns_and_is_deterministic(tmp_path, token_dir):
     assert (out1 / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, token_dir):
-    full, out_full = _train(tmp_path, "full")
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, token_dir, dropout):
+    extra = {"model": {"dropout": dropout}}  # with dropout, each step reseeds its masks: same masks on resume
+    full, out_full = _train(tmp_path, "full", extra)
     assert full.returncode == 0, full.stderr
     # 32 steps, a checkpoint every 10% (3 steps): SIGKILLed from outside once the first checkpoint is on disk
-    _train_killed(tmp_path, "run")
-    resumed, out = _train(tmp_path, "run")
+    _train_killed(tmp_path, "run", extra)
+    resumed, out = _train(tmp_path, "run", extra)
     assert resumed.returncode == 0, resumed.stderr
     resumed_from = json.loads((out / "train.json").read_text())["resumed_from_step"]
     assert 0 < resumed_from < 32 and resumed_from % 3 == 0  # mid-run, at one of the periodic checkpoints

@@ -90,7 +90,7 @@ def test_capture_detaches_unless_asked():
     with capture_attention(model, layers=[0], detach=False) as attached:
         model(idx)
     attached[0][..., 0].sum().backward()  # gradients flow back into the weights through the captured pattern
-    assert model.blocks[0].attn.q_proj.linear.weight.grad.abs().sum() > 0
+    assert model.blocks[0].attn.qkv.weight.grad[: model.cfg.d_model].abs().sum() > 0  # the query rows
 
 
 def test_capture_points_names_are_checked():

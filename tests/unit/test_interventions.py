@@ -69,7 +69,7 @@ def test_uniform_head_output_is_the_running_mean_of_v(model, idx):
         x = cache["blocks.0.hook_resid_post"]  # (B, T, D): the residual stream entering layer 1
         if model.blocks[layer].pre_norm:  # pre-norm: attention reads ln1(x); post-norm: x itself
             x = model.blocks[layer].ln1(x)
-        v = attn.v_proj(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        v = attn.projections(x)[2].view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
     counts = torch.arange(1, T + 1, dtype=torch.float32)[:, None]  # (T, 1) keys visible at each position
     running_mean = v.cumsum(dim=2) / counts  # (B, H, T, Dh)
     out = cache[f"blocks.{layer}.attn.hook_head_out"]  # (B, H, T, Dh)
@@ -210,10 +210,10 @@ def test_top_1_puts_all_weight_on_the_argmax_key(model, idx):
 def test_top_1_breaks_a_constructed_tie_towards_the_lowest_key():
     model = tiny_model(vocab_size=VOCAB, seq_len=T)
     head, Dh = 1, model.cfg.d_head
-    q = model.attention_layers[0].q_proj.linear
+    qkv = model.attention_layers[0].qkv  # rows [0, D) are the queries
     with torch.no_grad():  # zero queries for layer 0 head 1: every score of that head is exactly 0, all tied
-        q.weight[head * Dh : (head + 1) * Dh] = 0
-        q.bias[head * Dh : (head + 1) * Dh] = 0
+        qkv.weight[head * Dh : (head + 1) * Dh] = 0
+        qkv.bias[head * Dh : (head + 1) * Dh] = 0
     idx = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(2))
     _, scores = run(model, idx, point="hook_scores")
     assert torch.equal(scores[0][:, head].masked_fill(~causal_mask(T), 0), torch.zeros(B, T, T))

@@ -12,7 +12,7 @@ from attention_reference import loop_attention, rotate_pairs, sinusoidal_loop
 
 from attnlab.analysis.capture import capture_attention, capture_points, explicit_attention
 from attnlab.core.params import ModelConfig
-from attnlab.model.positional import apply_rope, rope_angles, sinusoidal_table
+from attnlab.model.positional import apply_rope, rope_angles, rope_rotation, rotate_pairs as rotate_model, sinusoidal_table
 from attnlab.model.transformer import Transformer, count_parameters, flops_per_token
 
 VOCAB = 61
@@ -128,6 +128,43 @@ def test_apply_rope_matches_loop_rotation():
     got = apply_rope(x, cos.double(), sin.double())
     expected = torch.tensor([rotate_pairs(x[t].tolist(), t, 10000.0) for t in range(T)], dtype=torch.float64)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_the_precomputed_rotation_in_bf16_rotates_in_bf16_and_matches_the_loop():
+    """Under bf16 autocast q and k stay bf16: real arithmetic in bf16, no fp32 round trip, same numbers to bf16."""
+    T, H, dim = 16, 3, 8
+    x = torch.randn(2, T, H, dim, generator=torch.Generator().manual_seed(3)).bfloat16()  # (B, T, H, Dh)
+    turn = rope_rotation(T, dim)[:, None]  # (T, 1, Dh/2): the same turn for every head
+    got = rotate_model(x, turn)
+    assert got.dtype == torch.bfloat16
+    expected = torch.tensor(
+        [[[rotate_pairs(x[b, t, h].double().tolist(), t, 10000.0) for h in range(H)] for t in range(T)]
+         for b in range(2)], dtype=torch.float64)  # (B, T, H, Dh)
+    torch.testing.assert_close(got.double(), expected, atol=0.05, rtol=0.02)  # bf16 keeps 8 bits of mantissa
+    torch.testing.assert_close(rotate_model(x.float(), turn), expected.float(), atol=1e-5, rtol=0)
+
+
+def test_fused_qkv_is_the_three_projections_stacked_and_loads_models_saved_before_it():
+    model = make_model(pe="rope", n_heads=2)
+    attn = model.attention_layers[0]
+    assert attn.fused and attn.qkv.weight.shape == (3 * attn.d_model, attn.d_model)
+    x = torch.randn(2, 5, attn.d_model, generator=torch.Generator().manual_seed(4))  # (B, T, D)
+    with torch.no_grad():
+        projected = attn.projections(x)  # q, k, v: (B, T, D) each
+        for got, weight, bias in zip(projected, attn.qkv.weight.chunk(3), attn.qkv.bias.chunk(3)):
+            torch.testing.assert_close(got, x @ weight.t() + bias, atol=1e-6, rtol=0)
+
+    old_state = {}  # the layout of models saved before the fused projection
+    for name, tensor in model.state_dict().items():
+        if ".qkv." in name:
+            for part, rows in zip("qkv", tensor.chunk(3)):
+                old_state[name.replace(".qkv.", f".{part}_proj.linear.")] = rows.clone()
+        else:
+            old_state[name] = tensor
+    reloaded = make_model(seed=9, pe="rope", n_heads=2)
+    reloaded.load_state_dict(old_state)
+    idx = tokens(2, 16)
+    assert torch.equal(reloaded(idx), model(idx))
 
 
 def test_rope_dot_product_depends_only_on_offset():

@@ -239,24 +239,28 @@ def test_rotation_buffers_match_closed_form(pe, dim_of):
 
 
 def projections_of(model: Transformer, layer: int, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The (B, T, D) outputs of q_proj, k_proj, v_proj of one layer."""
-    out, handles = {}, []
+    """The (B, T, D) Q, K, V of one layer (before RoPE), from the input the layer receives in model(idx)."""
     attn = model.blocks[layer].attn
-    for part in ("q", "k", "v"):
-        module = getattr(attn, f"{part}_proj")
-        handles.append(module.register_forward_hook(lambda m, i, o, part=part: out.__setitem__(part, o.detach())))
+    inputs = []
+    handle = attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
     try:
         with torch.no_grad():
             model(idx)
+            q, k, v = attn.projections(inputs[0])
     finally:
-        for h in handles:
-            h.remove()
-    return out
+        handle.remove()
+    return {"q": q, "k": k, "v": v}
 
 
 def copy_shared_weights(src: Transformer, dst: Transformer) -> None:
     """Copy src's weights into dst; a linear map that lost the rows of non-linear heads gets the rest."""
-    src_state = src.state_dict()
+    src_state = {}
+    for name, tensor in src.state_dict().items():  # a fused qkv map as the q, k, v maps it stacks
+        if ".qkv." in name:
+            for part, rows in zip("qkv", tensor.chunk(3)):
+                src_state[name.replace(".qkv.", f".{part}_proj.linear.")] = rows
+        else:
+            src_state[name] = tensor
     with torch.no_grad():
         for name, tensor in dst.state_dict().items():
             if name not in src_state:

@@ -229,6 +229,49 @@ def test_normalized_values_caps_rounding_above_one():
     assert counts.sum() == 3  # uncapped, np.histogram would drop the last row
 
 
+# ------------------------------------------------------------------------------------ attention across training
+
+
+def small_dynamics(L=2, H=3, steps=(3, 6, 9, 10), tokens_per_step=256) -> pd.DataFrame:
+    """dynamics.parquet rows: one per (snapshot, layer, head); head h of layer l sharpens at its own rate."""
+    step, layer, head = np.meshgrid(np.asarray(steps), np.arange(L), np.arange(H), indexing="ij")
+    support = 0.9 * np.exp(-step * (1 + layer + head) / 20.0) + 0.05
+    return pd.DataFrame({
+        "train_tokens": (step * tokens_per_step).ravel().astype(np.int64), "step": step.ravel().astype(np.int64),
+        "split": pd.Categorical(["val"] * step.size), "layer": layer.ravel().astype(np.int16),
+        "head": head.ravel().astype(np.int16), "mean_entropy_bits": np.log2(support.ravel() * 12),
+        "mean_support": support.ravel() * 12, "mean_normalized_support": support.ravel(),
+    })  # fmt: skip
+
+
+def test_support_over_training_has_a_panel_per_layer_and_a_line_per_head_against_tokens(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from attnlab.analysis.stats_files import DYNAMICS_FILE
+    from attnlab.report.style import save_figure
+
+    df = small_dynamics()
+    fig = plots.support_over_training(df)
+    try:
+        assert fig.dpi == plots.DPI and len(fig.axes) == 2
+        for layer, ax in enumerate(fig.axes):
+            assert ax.get_xlabel() == "tokens seen" and ax.get_title() == f"layer {layer}"  # as the loss curve
+            assert [line.get_label() for line in ax.get_lines()] == ["head 0", "head 1", "head 2"]
+            for head, line in enumerate(ax.get_lines()):
+                part = df[(df["layer"] == layer) & (df["head"] == head)]
+                np.testing.assert_array_equal(line.get_xdata(), part["train_tokens"])
+                np.testing.assert_allclose(line.get_ydata(), part["mean_normalized_support"])
+    finally:
+        plt.close(fig)
+    # the stage's path: dynamics.parquet in the attention folder -> a PNG
+    df.to_parquet(tmp_path / DYNAMICS_FILE, index=False)
+    out = tmp_path / "figures" / "attn_support_over_training.png"
+    save_figure(figures.build_figure("attn_support_over_training.png", Params(), tmp_path), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="attention_dynamics"):
+        figures.build_figure("attn_support_over_training.png", Params(), tmp_path / "empty")
+
+
 # ---------------------------------------------------------------------------------- drawing from the registry
 
 PNG_FIGURES = [f for f in registry.figure_stage_figures() if f.reads in figures.LOADERS]
@@ -239,7 +282,8 @@ def test_build_figure_draws_each_registry_png_with_its_input_and_params(figure, 
     """The registry's draw function, input and params fit together (the stage test draws them from real files)."""
     import matplotlib.pyplot as plt
 
-    inputs = {"stats": small_table(T=12), "mean_patterns": np.full((2, 2, 12, 12), 1 / 12)}
+    inputs = {"stats": small_table(T=12), "mean_patterns": np.full((2, 2, 12, 12), 1 / 12),
+              "dynamics": small_dynamics()}
     monkeypatch.setitem(figures.LOADERS, figure.reads, lambda _dir: inputs[figure.reads])
     params = Params(attention=AttentionConfig(batch_size=2, seq_len_filter=(4, 10)))
     fig = figures.build_figure(figure.name, params, tmp_path)

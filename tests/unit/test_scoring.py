@@ -121,3 +121,22 @@ def test_reference_gpt_is_causal_and_has_no_biases():
         before, after = model(idx), model(changed)
     torch.testing.assert_close(after[:, :9], before[:, :9])
     assert (after[:, 9] - before[:, 9]).abs().max() > 1e-4
+
+
+def test_the_optimizer_is_the_fused_kernel_on_cpu_and_steps_like_the_plain_loop():
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    models = [Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, seq_len=8), 23) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], cfg, torch.device("cpu"))
+    assert fused.defaults["fused"] is True
+    plain = make_optimizer(models[1], cfg, torch.device("cpu"))
+    for group in plain.param_groups:  # the same groups, stepped by the per-parameter Python loop
+        group["fused"], group["foreach"] = None, False
+    idx = torch.randint(0, 23, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, plain)):
+            model(idx).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

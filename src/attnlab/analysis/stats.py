@@ -177,6 +177,26 @@ class Summary:
         return metrics
 
 
+def batch_stats(
+    model: Transformer, batch: torch.Tensor, on_weights: Callable[[int, torch.Tensor], None] | None = None
+) -> dict[str, torch.Tensor]:
+    """row_stats of every layer for one batch of token ids (B, T) on the model's device: STAT_NAMES -> (B, L, H, T).
+
+    Only one layer's weights are taken at a time; on_weights(layer, weights (B, H, T, T)), if given, sees each
+    before it is freed.
+    """
+    with torch.inference_mode(), capture_attention(model) as cache:
+        model(batch)
+        per_layer = []
+        for layer in range(model.cfg.n_layers):
+            weights = cache.pop(layer)  # (B, H, T, T); freed once its stats are taken
+            if on_weights is not None:
+                on_weights(layer, weights)
+            per_layer.append(row_stats(weights))
+            del weights
+    return {name: torch.stack([s[name] for s in per_layer], 1) for name in STAT_NAMES}  # (B, L, H, T)
+
+
 def stream_attention_stats(
     model: Transformer,
     examples: dict[str, torch.Tensor],
@@ -197,6 +217,10 @@ def stream_attention_stats(
     schema = stats_schema(n_max, L, H, T)
     summary = Summary(L, H, T, pattern_sums=np.zeros((L, H, T, T)))
     pattern_sums = torch.zeros(L, H, T, T, dtype=torch.float64, device=device)
+
+    def add_pattern(layer: int, weights: torch.Tensor) -> None:
+        pattern_sums[layer] += weights.sum(0).double()  # (H, T, T)
+
     grid = _grid(L, H, T)  # layer, head, position of one example's rows, (L*H*T,) each
     n_batches = sum(math.ceil(len(ex) / batch_size) for ex in examples.values())
     n_done = 0
@@ -206,15 +230,7 @@ def stream_attention_stats(
         for first in range(0, len(idx), batch_size):
             batch = idx[first : first + batch_size].to(device)  # (B, T)
             B = batch.shape[0]
-            with torch.inference_mode(), capture_attention(model) as cache:
-                model(batch)
-                per_layer = []
-                for layer in range(L):
-                    weights = cache.pop(layer)  # (B, H, T, T); freed once its stats are taken
-                    pattern_sums[layer] += weights.sum(0).double()  # (H, T, T)
-                    per_layer.append(row_stats(weights))
-                    del weights
-            stats = {name: torch.stack([s[name] for s in per_layer], 1) for name in STAT_NAMES}  # (B, L, H, T)
+            stats = batch_stats(model, batch, add_pattern)  # (B, L, H, T) each
             summary.add(split, stats)
             columns = {name: stats[name].reshape(-1).cpu().numpy() for name in STAT_NAMES}
             for name in STAT_NAMES:
@@ -234,7 +250,7 @@ def stream_attention_stats(
                 }
             ).cast(schema)
             sink(table)
-            del table, columns, stats, per_layer
+            del table, columns, stats
             n_done += 1
             if n_done % TRIM_EVERY == 0:
                 release_freed_memory()
@@ -279,6 +295,28 @@ def select_examples(tokens: np.ndarray, seq_len: int, n_examples: int, seed: int
     return starts, torch.from_numpy(tokens[idx].astype(np.int64))
 
 
+def stage_examples(
+    params: Params, tokens_dir: str | Path, model: Transformer, splits: tuple[str, ...] = SPLITS
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """The examples the attention stages analyse, per split: start offsets (N,) and token ids (N, T) int64, with
+    N = attention.n_examples and T the model's seq_len. ConfigError if a split is too short or holds token ids
+    beyond the model's vocabulary. Each split's examples depend on that split and params.seed only."""
+    T = model.cfg.seq_len
+    tokens = {split: load_tokens(tokens_dir, split) for split in splits}
+    for split, toks in tokens.items():
+        check_length(toks, T, split)
+        if int(toks.max()) >= model.vocab_size:
+            raise ConfigError(
+                str(Path(tokens_dir) / f"{split}.bin"),
+                f"holds token id {int(toks.max())} but the model's vocabulary has {model.vocab_size} ids: "
+                "the model and the token files come from different tokenizers",
+            )
+    starts, examples = {}, {}
+    for split in splits:
+        starts[split], examples[split] = select_examples(tokens[split], T, params.attention.n_examples, params.seed)
+    return starts, examples
+
+
 # ------------------------------------------------------------------------------------------------- stage
 
 
@@ -291,18 +329,7 @@ def attention_stats(params: Params, model_path: str | Path, tokens_dir: str | Pa
     cfg = params.attention
     model, _ = load_model(model_path, pick_device(params.train.device))
     T = model.cfg.seq_len  # the model file's shape, never params.yaml model.*
-    tokens = {split: load_tokens(tokens_dir, split) for split in SPLITS}
-    for split, toks in tokens.items():
-        check_length(toks, T, split)
-        if int(toks.max()) >= model.vocab_size:
-            raise ConfigError(
-                str(Path(tokens_dir) / f"{split}.bin"),
-                f"holds token id {int(toks.max())} but the model's vocabulary has {model.vocab_size} ids: "
-                "the model and the token files come from different tokenizers",
-            )
-    starts, examples = {}, {}
-    for split in SPLITS:
-        starts[split], examples[split] = select_examples(tokens[split], T, cfg.n_examples, params.seed)
+    starts, examples = stage_examples(params, tokens_dir, model)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""The files of the attention_stats stage (data/attention/) and their loaders, without importing torch, so the
-figure and report stages start fast."""
+"""The files of the attention_stats and attention_dynamics stages (data/attention/) and their loaders, without
+importing torch, so the figure and report stages start fast."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from attnlab.core.errors import ConfigError
 STATS_FILE = "stats.parquet"  # one row per (split, example, layer, head, position)
 PATTERNS_FILE = "mean_patterns.npy"  # (L, H, T query position, T key offset) float32, NaN beyond the position
 EXAMPLES_FILE = "examples.npz"  # splits (2,), starts (2, N), tokens (2, N, T) uint16
+DYNAMICS_FILE = "dynamics.parquet"  # attention_dynamics: one row per (weight snapshot, layer, head), val examples
 
 
 def load_stats(attention_dir: str | Path) -> pd.DataFrame:
@@ -28,3 +29,10 @@ def load_mean_patterns(attention_dir: str | Path) -> np.ndarray:
     if not path.exists():
         raise ConfigError(str(path), "mean attention patterns not found: run the attention_stats stage first")
     return np.load(path)
+
+
+def load_dynamics(attention_dir: str | Path) -> pd.DataFrame:
+    path = Path(attention_dir) / DYNAMICS_FILE
+    if not path.exists():
+        raise ConfigError(str(path), "attention across training not found: run the attention_dynamics stage first")
+    return pq.read_table(path).to_pandas()

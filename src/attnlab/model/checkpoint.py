@@ -28,17 +28,25 @@ def unwrap(model: torch.nn.Module) -> Transformer:
             return model
 
 
-def model_state(model: torch.nn.Module) -> dict:
+def model_state(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """Config, vocabulary size and weights on the CPU; with `dtype` (e.g. torch.float16, for small snapshots)
+    the floating tensors are cast to it. model_from_state loads either back into a float32 Transformer."""
     model = unwrap(model)
+
+    def tensor(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach()
+        return (v.to(dtype) if dtype is not None and v.is_floating_point() else v).cpu()
+
     return {
         "model_config": dataclasses.asdict(model.cfg),
         "vocab_size": model.vocab_size,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: tensor(v) for k, v in model.state_dict().items()},
     }
 
 
-def save_model(path: str | Path, model: torch.nn.Module, meta: dict | None = None) -> None:
-    payload = model_state(model)
+def save_model(path: str | Path, model: torch.nn.Module, meta: dict | None = None,
+               dtype: torch.dtype | None = None) -> None:
+    payload = model_state(model, dtype)
     payload["meta"] = meta or {}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

@@ -30,17 +30,33 @@ def rope_angles(seq_len: int, dim: int, base: float = 10000.0) -> tuple[torch.Te
     return torch.cos(angles).float(), torch.sin(angles).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[2i], x[2i+1]) at position t by the angle t * theta_i.
+def rope_rotation(seq_len: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """e^{j t theta_i} as complex64, computed once per model: (T, dim/2)."""
+    cos, sin = rope_angles(seq_len, dim, base)
+    return torch.complex(cos, sin)
 
-    As complex numbers z_i = x[2i] + j x[2i+1], this is z_i * e^{j t theta_i}, so that
-    <rope(q, s), rope(k, t)> depends on s and t only through s - t.
-    x: (..., T, dim); cos, sin: (T, dim/2). Returns the same shape and dtype as x.
+
+def rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) at position t by the angle t * theta_i: z_i * e^{j t theta_i} with
+    z_i = x[2i] + j x[2i+1], so that <rot(q, s), rot(k, t)> depends on s and t only through s - t.
+
+    x: (..., T, dim) or anything whose trailing dims broadcast against turn's (T, dim/2) once the pairs are
+    formed; turn: complex, from rope_rotation. Returns x's shape and dtype. fp32 and fp64 multiply as complex
+    numbers, in place of any dtype conversion; bf16/fp16 (no complex type of their own) rotate in real
+    arithmetic in their own dtype, so autocast never round-trips through fp32 here.
     """
-    work = torch.promote_types(x.dtype, torch.float32)  # complex needs fp32/fp64: bf16 goes up, fp64 stays
-    z = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)))  # (..., T, dim/2) complex
-    turn = torch.complex(cos.to(work), sin.to(work))  # (T, dim/2) e^{j t theta_i}
-    return torch.view_as_real(z * turn).flatten(-2).to(x.dtype)  # (..., T, dim)
+    if x.dtype in (torch.float32, torch.float64):
+        z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (..., dim/2) complex, a view of x
+        return torch.view_as_real(z * turn.to(z.dtype)).flatten(-2)
+    cos, sin = turn.real.to(x.dtype), turn.imag.to(x.dtype)  # (T, dim/2) each
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., dim/2) each
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """rotate_pairs with the rotation given as its cos and sin tables (T, dim/2): x (..., T, dim)."""
+    work = torch.promote_types(x.dtype, torch.float32)
+    return rotate_pairs(x.to(work), torch.complex(cos.to(work), sin.to(work))).to(x.dtype)
 
 
 def complex_pe_angles(seq_len: int, d_model: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """The transformer, written from scratch: the whole forward pass lives in this file.
 
 Reads top to bottom: positional encodings, HookPoint, CausalSelfAttention, MLP, Block, Transformer.
-No nn.MultiheadAttention or nn.Transformer*: each attention layer has its own Q/K/V/output projections.
+No nn.MultiheadAttention or nn.Transformer*: each attention layer has its own Q/K/V/output projections —
+one fused (D, 3D) linear map where all three are linear (the common case), separate modules where a variant
+needs its own (model.pe=complex, non-linear Q/K/V heads).
 
 Attention has two paths with the same result:
 - fused: torch.nn.functional.scaled_dot_product_attention (used for training and plain inference);
@@ -24,13 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnlab.core.params import ModelConfig, parse_head_selector
-from attnlab.model.positional import (
-    ComplexLinear,
-    apply_rope,
-    complex_pe_angles,
-    rope_angles,
-    sinusoidal_table,
-)
+from attnlab.model.positional import ComplexLinear, rope_rotation, rotate_pairs, sinusoidal_table
 
 # ------------------------------------------------------------------------------------------------- hooks
 
@@ -90,12 +86,16 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.d_head, self.d_model = cfg.n_heads, cfg.d_head, cfg.d_model
         self.pe = cfg.pe
         nonlinear = _nonlinear_heads(cfg, layer)
-        if cfg.pe == "complex":  # config.py rejects a non-linear Q/K here
-            self.q_proj, self.k_proj = ComplexLinear(cfg.d_model), ComplexLinear(cfg.d_model)
+        self.fused = cfg.pe != "complex" and not (nonlinear and cfg.qkv_nonlinear_parts)
+        if self.fused:  # q, k, v in one matmul: rows [0, D) are W_q, [D, 2D) W_k, [2D, 3D) W_v
+            self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         else:
-            self.q_proj = Projection(cfg, nonlinear if "q" in cfg.qkv_nonlinear_parts else [])
-            self.k_proj = Projection(cfg, nonlinear if "k" in cfg.qkv_nonlinear_parts else [])
-        self.v_proj = Projection(cfg, nonlinear if "v" in cfg.qkv_nonlinear_parts else [])
+            if cfg.pe == "complex":  # config.py rejects a non-linear Q/K here
+                self.q_proj, self.k_proj = ComplexLinear(cfg.d_model), ComplexLinear(cfg.d_model)
+            else:
+                self.q_proj = Projection(cfg, nonlinear if "q" in cfg.qkv_nonlinear_parts else [])
+                self.k_proj = Projection(cfg, nonlinear if "k" in cfg.qkv_nonlinear_parts else [])
+            self.v_proj = Projection(cfg, nonlinear if "v" in cfg.qkv_nonlinear_parts else [])
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
         self.force_explicit = False  # set by capture/edit helpers that need the explicit path without hooks
@@ -104,38 +104,54 @@ class CausalSelfAttention(nn.Module):
         self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights, rows sum to 1
         self.hook_head_out = HookPoint()  # (B, H, T, Dh) each head's output before the output projection
 
-        if cfg.pe in ("rope", "rope_model_dim"):
-            rope_dim = cfg.d_head if cfg.pe == "rope" else cfg.d_model
-            cos, sin = rope_angles(cfg.seq_len, rope_dim, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (T, rope_dim/2)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        if cfg.pe == "complex":
-            cos, sin = complex_pe_angles(cfg.seq_len, cfg.d_model, cfg.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (T, D/2)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.pe in ("rope", "rope_model_dim", "complex"):  # e^{j t theta_i}, computed once
+            rope_dim = cfg.d_head if cfg.pe == "rope" else cfg.d_model  # complex: see complex_pe_angles
+            turn = rope_rotation(cfg.seq_len, rope_dim, cfg.rope_base)
+            self.register_buffer("rope_turn", turn, persistent=False)  # (T, rope_dim/2) complex64
+
+    @property
+    def rope_cos(self) -> torch.Tensor:
+        return self.rope_turn.real  # (T, rope_dim/2)
+
+    @property
+    def rope_sin(self) -> torch.Tensor:
+        return self.rope_turn.imag  # (T, rope_dim/2)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Models saved before the fused projection hold q_proj/k_proj/v_proj.linear: stack them into qkv."""
+        for kind in ("weight", "bias"):
+            parts = [f"{prefix}{name}_proj.linear.{kind}" for name in "qkv"]
+            if self.fused and all(part in state_dict for part in parts):
+                state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(part) for part in parts])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def explicit(self) -> bool:
         return self.force_explicit or self.hook_scores.active or self.hook_pattern.active
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V of input x (B, T, D), each (B, T, D), heads as H consecutive slices of Dh; q and k without
+        RoPE (model.pe=complex: with its position phases, which come before its projections)."""
+        if self.fused:
+            return self.qkv(x).split(self.d_model, dim=-1)  # (B, T, D) each
+        if self.pe == "complex":  # position t turns pair i of the token vector by t * theta_i, then W q/k
+            x_pos = rotate_pairs(x, self.rope_turn[: x.shape[1]])  # (B, T, D) D/2 complex numbers
+            return self.q_proj(x_pos), self.k_proj(x_pos), self.v_proj(x)  # v real, without position
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         H, Dh = self.n_heads, self.d_head
-        if self.pe == "complex":  # position t turns pair i of the token vector by t * theta_i, then W q/k
-            x_pos = apply_rope(x, self.rope_cos[:T], self.rope_sin[:T])  # (B, T, D) D/2 complex numbers
-            q, k = self.q_proj(x_pos), self.k_proj(x_pos)  # (B, T, D) each, complex as interleaved pairs
-            v = self.v_proj(x)  # (B, T, D) real, without position
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
+        q, k, v = self.projections(x)  # (B, T, D) each
         if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
-            q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
-            k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
+            q, k = rotate_pairs(q, self.rope_turn[:T]), rotate_pairs(k, self.rope_turn[:T])
+        if self.pe == "rope":  # per head: scores depend on relative position only
+            turn = self.rope_turn[:T, None]  # (T, 1, Dh/2): the same turn for every head
+            q = rotate_pairs(q.view(B, T, H, Dh), turn).view(B, T, D)
+            k = rotate_pairs(k.view(B, T, H, Dh), turn).view(B, T, D)
         q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = k.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         v = v.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        if self.pe == "rope":  # per head: scores depend on relative position only
-            q = apply_rope(q, self.rope_cos[:T], self.rope_sin[:T])
-            k = apply_rope(k, self.rope_cos[:T], self.rope_sin[:T])
 
         dropout_p = self.dropout if self.training else 0.0
         if self.explicit:
@@ -306,11 +322,10 @@ def longer_context(model: Transformer, length: int) -> Iterator[Transformer]:
         raise ValueError(f"model.pe=learned has no positions past model.seq_len={cfg.seq_len}")
     saved: list[tuple[nn.Module, str, torch.Tensor]] = []
     for attn in model.attention_layers:
-        if hasattr(attn, "rope_cos"):
-            dim = 2 * attn.rope_cos.shape[-1]
-            cos, sin = rope_angles(length, dim, cfg.rope_base)  # (length, dim/2) each
-            saved += [(attn, "rope_cos", attn.rope_cos), (attn, "rope_sin", attn.rope_sin)]
-            attn.rope_cos, attn.rope_sin = cos.to(attn.rope_cos.device), sin.to(attn.rope_sin.device)
+        if hasattr(attn, "rope_turn"):
+            dim = 2 * attn.rope_turn.shape[-1]
+            saved.append((attn, "rope_turn", attn.rope_turn))
+            attn.rope_turn = rope_rotation(length, dim, cfg.rope_base).to(attn.rope_turn.device)  # (length, dim/2)
     if cfg.pe == "sinusoidal":
         saved.append((model, "pos_table", model.pos_table))
         model.pos_table = sinusoidal_table(length, cfg.d_model).to(model.pos_table.device)  # (length, D)

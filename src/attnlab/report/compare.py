@@ -310,6 +310,28 @@ def page_context(title: str, table: pd.DataFrame, summary: pd.DataFrame, keys: l
     }
 
 
+def variant_name(row: pd.Series) -> str:
+    """A group's short name: the non-linear Q/K/V variant when any head is non-linear, else its model.pe."""
+    heads = row.get("params.model.qkv_nonlinear_heads", "[]")
+    if heads not in ("[]", "", "\u2014", None):
+        return f"nonlinear_qkv {heads}"
+    return str(row.get("params.model.pe", row["variant"]))
+
+
+MARKDOWN_METRICS = ["val_loss", "val_bpb", "val_loss_at_2x_seq_len", "mean_entropy_bits", "tokens_per_sec"]
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """One row per group: its name, then `mean ± std` over its seeds of each of MARKDOWN_METRICS."""
+    head = ["variant", "seeds", *MARKDOWN_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for _, row in summary.iterrows():
+        cells = [variant_name(row), str(row["n_seeds"]),
+                 *(_mean_std(row[f"{m}_mean"], row[f"{m}_std"], m) for m in MARKDOWN_METRICS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ rendering
 
 
@@ -374,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exp-json", default=None, help="render this saved json.dumps(dvc.api.exp_show())")
     parser.add_argument("--out", default="reports/compare.html")
     parser.add_argument("--figure", default="reports/figures/compare_val_loss.png")
+    parser.add_argument("--markdown", default=None, help="also write the per-group table as markdown here")
     return parser
 
 
@@ -382,6 +405,10 @@ def main(argv: list[str]) -> None:
     selection = Selection(args.params or Path(args.repo) / "params.yaml", args.sets, args.grid)  # checks first
     rows = read_rows(args.repo, args.exp_json)
     table, summary = render(rows, selection, args.out, args.figure)
+    if args.markdown:
+        from attnlab.core.io import write_text
+
+        write_text(args.markdown, markdown_table(summary))
     print(f"compare: {len(table)} experiments ({int((table['state'] == 'success').sum())} succeeded) in "
           f"{len(summary)} group(s) -> {args.out}, {args.figure}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.analysis.stats_files import EXAMPLES_FILE, load_mean_patterns, load_stats
+from attnlab.analysis.stats_files import EXAMPLES_FILE, load_dynamics, load_mean_patterns, load_stats
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_text
 from attnlab.core.params import Params
@@ -22,7 +22,8 @@ from attnlab.report import registry
 from attnlab.report.style import save_figure
 
 FIGURES = {f.name: list(f.params) for f in registry.figure_stage_figures()}  # file name -> params it reads
-LOADERS = {"stats": load_stats, "mean_patterns": load_mean_patterns}  # Figure.reads -> loader(attention_dir)
+LOADERS = {"stats": load_stats, "mean_patterns": load_mean_patterns,  # Figure.reads -> loader(attention_dir)
+           "dynamics": load_dynamics}
 
 
 def figure_spec(name: str) -> registry.Figure:

@@ -30,6 +30,7 @@ METRICS: list[tuple[str, str]] = [  # (title, file relative to the reports folde
     ("Training", "train.json"),
     ("Evaluation", "eval.json"),
     ("Attention", "attention.json"),
+    ("Attention across training", "attention_dynamics.json"),
     ("Interventions", "interventions.json"),
     ("Position probe", "position_probe.json"),
 ]

@@ -1,5 +1,6 @@
-"""The attention figures: each function takes the statistics (a DataFrame of stats.parquet rows, or the mean
-patterns array) and returns a matplotlib Figure; stages/figure.py saves it. Nothing here reads files.
+"""The attention figures: each function takes the statistics (a DataFrame of stats.parquet rows, the mean
+patterns array, or the dynamics.parquet rows of attention across training) and returns a matplotlib Figure;
+stages/figure.py saves it. Nothing here reads files.
 
 Conventions: seaborn "whitegrid" style, DPI (100), one colour per split (SPLIT_COLORS), units in axis labels
 (bits, tokens), titles that say what is shown. Output is deterministic for the same input.
@@ -280,4 +281,23 @@ def mean_patterns(patterns: np.ndarray) -> Figure:
             "Mean attention pattern: bright columns at small offsets = local / previous-token head, "
             "bright diagonal = attends to the first token"
         )
+    return fig
+
+
+def support_over_training(dynamics: pd.DataFrame) -> Figure:
+    """attn_support_over_training.png: each head's mean normalized support on the val examples at every weight
+    snapshot, against tokens seen; one panel per layer, one line per head (dynamics.parquet rows)."""
+    L, H = int(dynamics["layer"].max()) + 1, int(dynamics["head"].max()) + 1
+    colors = sns.color_palette("husl" if H > 10 else "tab10", H)
+    with sns.axes_style(STYLE):
+        fig, axes = plt.subplots(1, L, figsize=(4.2 * L + 1.0, 4.2), dpi=DPI, sharey=True, squeeze=False)
+        for (layer, head), part in dynamics.sort_values("train_tokens").groupby(["layer", "head"]):
+            axes[0, int(layer)].plot(part["train_tokens"], part["mean_normalized_support"], "o-", ms=3, lw=1.4,
+                                     color=colors[int(head)], label=f"head {head}")
+        top = min(1.0, 1.05 * float(dynamics["mean_normalized_support"].max()))
+        for layer, ax in enumerate(axes[0]):
+            ax.set(title=f"layer {layer}", xlabel="tokens seen", ylim=(0.0, top))
+        axes[0, 0].set_ylabel("mean normalized support (val)")
+        _finish(fig, axes[0], "Attention across training: normalized support = support / (position + 1) per head, "
+                "falling = sharpening")
     return fig

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 SECTIONS = ("Training", "Attention", "Interventions", "Positional encoding")  # the page's order
 FIGURE_STAGE = "figure"  # dvc.yaml's foreach stage (figure@<name>) for figures of stages/figure.py without params
-READS = ("stats", "mean_patterns", "model")  # what stages/figure.py loads for a figure (see figures.py)
+READS = ("stats", "mean_patterns", "model", "dynamics")  # what stages/figure.py loads for a figure (see figures.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,13 @@ FIGURES: tuple[Figure, ...] = (
         "Mean attention by query position and key offset: a bright column at offset 1 is a previous-token head, "
         "a bright diagonal attends to the first token.",
         "mean_patterns", reads="mean_patterns",
+    ),
+    _attention(
+        "attn_support_over_training.png",
+        "Each head's mean normalized support on the validation examples at every validation point of training, "
+        "against tokens seen: when heads sharpen (falling lines) or spread out, and whether they settle before "
+        "training ends.",
+        "support_over_training", reads="dynamics",
     ),
     Figure(
         "attn_tokens.html", "Attention",

@@ -3,8 +3,8 @@
 Runs as one process, or as several under torchrun (DistributedDataParallel): the global batch is the
 param, each process takes a disjoint slice of the same global sequence of batches (attnlab.data.tokens), and
 only rank 0 logs, evaluates, checkpoints and writes outputs. Batch `step` is a pure function of (seed, step)
-and dropout is reseeded per step, so a run resumed from a checkpoint — under any number of processes — takes
-the same steps as one that never stopped.
+and dropout (when model.dropout > 0) is reseeded per step, so a run resumed from a checkpoint — under any
+number of processes — takes the same steps as one that never stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from attnlab.analysis.scoring import autocast, score_windows, unigram_loss, window_targets
-from attnlab.core.device import pick_device
+from attnlab.core.device import keep_freed_memory, pick_device
 from attnlab.core.errors import AttnlabError, ConfigError
 from attnlab.core.io import write_json
 from attnlab.core.params import Params
@@ -35,6 +35,7 @@ from attnlab.training.checkpoints import fingerprint, load_checkpoint, save_chec
 from attnlab.training.distributed import Dist, check_world, dist_from_env
 from attnlab.training.monitor import LOG_COLUMNS, VAL_COLUMNS, LearningWatch, append_log, warn_if_long, write_log
 from attnlab.training.schedule import Budget, autocast_dtype, lr_at, make_budget, make_optimizer
+from attnlab.training.snapshots import prune_snapshots, save_snapshot
 
 
 class TrainingError(AttnlabError):
@@ -49,6 +50,7 @@ class TrainPaths:
     log: Path  # per-step TSV for `dvc plots`
     val_log: Path  # validation loss against tokens seen
     metrics: Path  # reports/train.json
+    snapshots: Path  # persistent folder: float16 weights at every validation point (attnlab.training.snapshots)
 
 
 @dataclass
@@ -99,6 +101,7 @@ def train(params: Params, paths: TrainPaths, on_flush: Callable[[Run], None] | N
     bar = tqdm(total=run.budget.steps, initial=run.start_step, unit="step", disable=not run.world.is_main,
                dynamic_ncols=True)
     started, step = time.time(), run.start_step
+    run.train_model.train()  # once here, and again after each validation's eval-mode passes
     try:
         for step in range(run.start_step, run.budget.steps):
             run.pending.append((step, lr_at(step, run.budget, cfg), train_step(run, step)))
@@ -112,6 +115,7 @@ def train(params: Params, paths: TrainPaths, on_flush: Callable[[Run], None] | N
                 at_checkpoint = at_checkpoint or time_for_checkpoint(run)
             if done % eval_every == 0 or done == run.budget.steps:
                 validate(run, done)
+                run.train_model.train()
             if at_checkpoint and done < run.budget.steps:
                 checkpoint(run, done)
     except KeyboardInterrupt:
@@ -139,6 +143,8 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
     check_length(val_tokens, params.model.seq_len, "val")
     if world.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on each step's large buffers (attnlab.core.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -172,7 +178,7 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
 
 
 def resume(run: Run) -> None:
-    """Loads a checkpoint of the same fingerprint, if any, and cuts the step log back to it."""
+    """Loads a checkpoint of the same fingerprint, if any, and cuts the step log and the snapshots back to it."""
     state = load_checkpoint(run.ckpt_path, run.fingerprint, run.log)
     if state is not None:
         run.model.load_state_dict(state["model"])
@@ -182,6 +188,7 @@ def resume(run: Run) -> None:
         run.log(f"resuming from checkpoint at step {run.start_step:,}/{run.budget.steps:,}")
     if run.world.is_main:
         write_log(run.paths.log, LOG_COLUMNS, run.rows)  # cut back to the checkpoint: no step appears twice
+        prune_snapshots(run.paths.snapshots, run.start_step, run.fingerprint)  # later or stale ones: all when fresh
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -192,14 +199,14 @@ def train_step(run: Run, step: int) -> torch.Tensor:
     cfg, seq_len = run.params.train, run.params.model.seq_len
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, run.budget, cfg)
-    torch.manual_seed(run.params.seed * 1_000_003 + step * 101 + run.world.rank)  # dropout, same on resume
+    if run.params.model.dropout:  # the step's only random draw: reseeded so a resumed run draws the same masks
+        torch.manual_seed(run.params.seed * 1_000_003 + step * 101 + run.world.rank)
     starts = rank_slice(batch_starts(len(run.train_tokens), seq_len, cfg.batch_size, run.params.seed, step),
                         run.world.rank, run.world.world_size)
     per_rank = cfg.batch_size // run.world.world_size
     micro = cfg.micro_batch_size or per_rank
     n_micro = per_rank // micro
-    run.train_model.train()
-    step_loss = torch.zeros((), device=run.device)
+    step_loss = None
     for m in range(n_micro):
         x, y = windows(run.train_tokens, starts[m * micro : (m + 1) * micro], seq_len)
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)  # (b, T) each
@@ -209,7 +216,7 @@ def train_step(run: Run, step: int) -> torch.Tensor:
                 logits = run.train_model(x)  # (b, T, V)
             loss = lm_loss(logits, y) / n_micro
             loss.backward()
-        step_loss += loss.detach()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     run.optimizer.step()
@@ -254,7 +261,7 @@ def time_for_checkpoint(run: Run) -> bool:
 
 
 def validate(run: Run, done: int) -> None:
-    """Validation loss on the periodic windows (rank 0), logged against the unigram baseline."""
+    """Validation loss on the periodic windows (rank 0), logged against the unigram baseline; a weight snapshot."""
     if not run.world.is_main:
         return
     start = time.time()
@@ -264,6 +271,7 @@ def validate(run: Run, done: int) -> None:
     run.val_rows.append([done, done * run.budget.tokens_per_step, loss])
     run.log(f"step {done:,}: val loss {loss:.4f} (unigram baseline {run.watch.unigram:.4f})")
     run.watch.check(done, loss, run.log)
+    save_snapshot(run.paths.snapshots, run.model, done, done * run.budget.tokens_per_step, run.fingerprint)
     run.eval_seconds += time.time() - start
 
 

@@ -1,0 +1,126 @@
+"""Attention across training: the attention statistics of every weight snapshot of the train stage
+(models/snapshots, attnlab.training.snapshots) on the validation examples of the attention_stats stage, per head.
+
+One row per (snapshot, layer, head) -> data/attention/dynamics.parquet: train_tokens, step, split ("val"), layer,
+head, mean_entropy_bits, mean_support, mean_normalized_support. The per-row statistics and the examples are
+attnlab.analysis.stats's (batch_stats, stage_examples), and each mean is over the examples and query positions,
+summed in float64 as stats.Summary sums them, so the numbers are those of reports/attention.json's val section:
+at the last snapshot (the final weights, rounded to float16) they agree with it to within TOLERANCE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from attnlab.analysis.stats import HEADS_SPLIT, batch_stats, stage_examples
+from attnlab.core.device import pick_device
+from attnlab.core.errors import ConfigError
+from attnlab.core.io import atomic_path
+from attnlab.core.params import Params
+from attnlab.model.checkpoint import load_model
+from attnlab.model.transformer import Transformer
+from attnlab.training.snapshots import list_snapshots
+
+SPLIT = HEADS_SPLIT  # "val": the split attention.json reports per head
+HEAD_STATS = ("entropy_bits", "support", "normalized_support")  # columns mean_<name>
+# Most the last snapshot (float16 weights) may differ from attention.json's val means (the float32 model).
+TOLERANCE = {"entropy_bits": 0.02, "normalized_support": 0.005}
+
+
+def head_means(model: Transformer, examples: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """mean_<name> for HEAD_STATS -> (L, H) float64: each head's mean over the examples (N, T) and positions."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    device = next(model.parameters()).device
+    sums = {name: np.zeros((L, H)) for name in HEAD_STATS}
+    for first in range(0, len(examples), batch_size):
+        stats = batch_stats(model, examples[first : first + batch_size].to(device))  # name -> (B, L, H, T)
+        for name in HEAD_STATS:
+            sums[name] += stats[name].double().sum((0, 3)).cpu().numpy()
+    n_rows = examples.shape[0] * examples.shape[1]  # rows per head
+    return {f"mean_{name}": total / n_rows for name, total in sums.items()}
+
+
+def snapshot_rows(step: int, train_tokens: int, means: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The L * H rows of one snapshot, by layer then head."""
+    L, H = next(iter(means.values())).shape
+    layer, head = np.meshgrid(np.arange(L, dtype=np.int16), np.arange(H, dtype=np.int16), indexing="ij")
+    return pd.DataFrame({
+        "train_tokens": np.full(L * H, train_tokens, dtype=np.int64),
+        "step": np.full(L * H, step, dtype=np.int64),
+        "split": SPLIT,
+        "layer": layer.reshape(-1),
+        "head": head.reshape(-1),
+        **{name: values.reshape(-1) for name, values in means.items()},
+    })  # fmt: skip
+
+
+def compare_last(last: pd.DataFrame, reference: dict) -> dict:
+    """Max |difference| between the last snapshot's rows and attention.json's val means: the split's mean
+    entropy and normalized support, and each head's normalized support."""
+    val = reference.get(SPLIT, {})
+    diffs = {name: [] for name in TOLERANCE}
+    for name, values in diffs.items():
+        if f"mean_{name}" in val:
+            values.append(abs(last[f"mean_{name}"].mean() - val[f"mean_{name}"]))
+    for row in last.itertuples():
+        head = val.get("heads", {}).get(f"L{row.layer}H{row.head}", {})
+        if "mean_normalized_support" in head:
+            diffs["normalized_support"].append(abs(row.mean_normalized_support - head["mean_normalized_support"]))
+    out = {f"max_abs_diff_{name}": float(max(values)) for name, values in diffs.items() if values}
+    out["within_tolerance"] = all(out.get(f"max_abs_diff_{name}", 0.0) <= tol for name, tol in TOLERANCE.items())
+    return out
+
+
+def dynamics_metrics(table: pd.DataFrame, reference: dict | None) -> dict:
+    """reports/attention_dynamics.json: the snapshots' span, the last one's means, and (with attention.json as
+    reference) how far the last snapshot is from it."""
+    steps = table.drop_duplicates("step")
+    last = table[table["step"] == steps["step"].iloc[-1]]
+    metrics = {
+        "n_snapshots": len(steps),
+        "first_step": int(steps["step"].iloc[0]),
+        "last_step": int(steps["step"].iloc[-1]),
+        "first_train_tokens": int(steps["train_tokens"].iloc[0]),
+        "last_train_tokens": int(steps["train_tokens"].iloc[-1]),
+        "last": {f"mean_{name}": float(last[f"mean_{name}"].mean()) for name in HEAD_STATS},
+    }
+    if reference is not None:
+        metrics["last_vs_attention_stats"] = compare_last(last, reference)
+    return metrics
+
+
+def attention_dynamics(params: Params, snapshots_dir: str | Path, tokens_dir: str | Path, out: str | Path,
+                       reference: dict | None = None, progress: bool = False) -> dict:
+    """The attention_dynamics stage: writes `out` (dynamics.parquet); returns {"table", "metrics", "n_examples"}.
+
+    reference: reports/attention.json, for metrics["last_vs_attention_stats"]. ConfigError naming the folder
+    when it holds no snapshots.
+    """
+    snapshots = list_snapshots(snapshots_dir)
+    if not snapshots:
+        raise ConfigError(str(snapshots_dir), "no weight snapshots (step_*.pt) here: the train stage writes one at "
+                          "every validation point (dvc repro train)")
+    device = pick_device(params.train.device)
+    frames, examples, shape = [], None, None
+    for step, path in tqdm(snapshots, desc="attention dynamics", unit="snapshot", disable=not progress):
+        model, meta = load_model(path, device)  # float16 weights into the float32 model
+        if examples is None:
+            shape = (model.cfg, model.vocab_size)
+            examples = stage_examples(params, tokens_dir, model, splits=(SPLIT,))[1][SPLIT]  # (N, T)
+        if (model.cfg, model.vocab_size) != shape or "train_tokens" not in meta:
+            raise ConfigError(str(path), "is not a snapshot of the same run as the others in its folder: rerun the "
+                              "train stage (dvc repro --force train)")
+        means = head_means(model, examples, params.attention.batch_size)
+        frames.append(snapshot_rows(step, int(meta["train_tokens"]), means))
+    table = pd.concat(frames, ignore_index=True)
+    table["split"] = table["split"].astype("category")
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp, compression="zstd")
+    return {"table": table, "metrics": dynamics_metrics(table, reference), "n_examples": len(examples)}

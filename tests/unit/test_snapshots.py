@@ -1,0 +1,142 @@
+"""Weight snapshots (attnlab.training.snapshots): the files round trip, and real tiny training runs write one per
+validation point, keep them across a kill and resume, and drop those of other params."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+from builders import (
+    TINY_TRAIN_PARAMS,
+    kill_when_checkpoint_appears,
+    run_stage,
+    stage_command,
+    stage_env,
+    tiny_model,
+    write_params,
+    write_tokens,
+)
+
+from attnlab.core.params import load_params
+from attnlab.model.checkpoint import load_model
+from attnlab.training.loop import TrainPaths, train
+from attnlab.training.snapshots import (
+    SNAPSHOT_DTYPE,
+    list_snapshots,
+    prune_snapshots,
+    save_snapshot,
+    snapshot_meta,
+)
+
+STEPS = 32  # TINY_TRAIN_PARAMS: 8192 tokens in steps of 8 x 32
+TOKENS_PER_STEP = 8 * 32
+EVAL_STEPS = [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 32]  # every round(0.1 * 32) = 3 steps, and the last
+
+
+def test_save_list_prune_round_trip(tmp_path):
+    model = tiny_model(vocab_size=61)
+    folder = tmp_path / "snapshots"
+    assert list_snapshots(folder) == [] and prune_snapshots(folder, 0) == []  # no folder yet
+    for step in (12, 3, 6):
+        save_snapshot(folder, model, step, step * 100, fingerprint="run-a")
+    (folder / "notes.txt").write_text("not a snapshot")
+    (folder / ".step_000015.pt.x1y2.tmp").write_bytes(b"a write killed midway")
+    assert [step for step, _ in list_snapshots(folder)] == [3, 6, 12]
+    assert [p.name for _, p in list_snapshots(folder)] == ["step_000003.pt", "step_000006.pt", "step_000012.pt"]
+
+    path = list_snapshots(folder)[1][1]
+    payload = torch.load(path, weights_only=True)
+    assert all(v.dtype == SNAPSHOT_DTYPE for v in payload["state_dict"].values() if v.is_floating_point())
+    assert snapshot_meta(path) == {"step": 6, "train_tokens": 600, "fingerprint": "run-a"}
+    loaded, meta = load_model(path)  # back into a float32 Transformer, as the analysis stages load it
+    assert meta["train_tokens"] == 600 and loaded.cfg == model.cfg
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, model.state_dict()[name].half().float(), rtol=0, atol=0)
+
+    assert [p.name for p in prune_snapshots(folder, after_step=6, fingerprint="run-a")] == ["step_000012.pt"]
+    assert [step for step, _ in list_snapshots(folder)] == [3, 6]
+    assert not (folder / ".step_000015.pt.x1y2.tmp").exists() and (folder / "notes.txt").exists()
+    assert len(prune_snapshots(folder, after_step=6, fingerprint="run-b")) == 2  # another run's: all go
+    assert list_snapshots(folder) == []
+
+
+def _paths(root: Path) -> TrainPaths:
+    return TrainPaths(tokens=root / "tokens", model=root / "model.pt", checkpoints=root / "checkpoints",
+                      log=root / "log.tsv", val_log=root / "val.tsv", metrics=root / "train.json",
+                      snapshots=root / "snapshots")
+
+
+def _train_in_process(root: Path, **train_overrides) -> dict:
+    overrides = json.loads(json.dumps(TINY_TRAIN_PARAMS))
+    overrides["train"].update({"device": "cpu", **train_overrides})
+    params = load_params(write_params(root / "params.yaml", overrides))
+    return train(params, _paths(root))
+
+
+def _snapshot_table(folder: Path) -> pd.DataFrame:
+    """One row per snapshot: the step of its file name (name_step) and its meta (step, train_tokens, fingerprint)."""
+    rows = [{"name_step": step, **snapshot_meta(path)} for step, path in list_snapshots(folder)]
+    return pd.DataFrame(rows)
+
+
+def test_training_writes_one_snapshot_per_validation_point_and_a_fresh_run_drops_stale_ones(tmp_path):
+    write_tokens(tmp_path / "tokens")
+    metrics = _train_in_process(tmp_path)
+    assert metrics["steps"] == STEPS
+    table = _snapshot_table(tmp_path / "snapshots")
+    val_log = pd.read_csv(tmp_path / "val.tsv", sep="\t")
+    assert table["step"].tolist() == val_log["step"].tolist() == EVAL_STEPS
+    assert table["name_step"].equals(table["step"])
+    assert table["train_tokens"].tolist() == val_log["tokens"].tolist() == [s * TOKENS_PER_STEP for s in EVAL_STEPS]
+    assert table["train_tokens"].is_monotonic_increasing and table["train_tokens"].iloc[-1] == metrics["train_tokens"]
+    final, _ = load_model(tmp_path / "model.pt")
+    last, _ = load_model(list_snapshots(tmp_path / "snapshots")[-1][1])
+    for name, value in last.state_dict().items():  # the last snapshot is the final model, in float16
+        torch.testing.assert_close(value, final.state_dict()[name].half().float(), rtol=0, atol=0)
+
+    # other params (a smaller budget: 16 steps, validation every 2): the checkpoint is not resumed, and none of
+    # the old run's snapshots survive, not even those at steps the new run never validates at
+    metrics = _train_in_process(tmp_path, max_tokens=4096)
+    assert metrics["resumed_from_step"] == 0
+    table = _snapshot_table(tmp_path / "snapshots")
+    assert table["step"].tolist() == list(range(2, 17, 2))
+    assert table["fingerprint"].nunique() == 1
+
+
+def _stage_args(name: str) -> list[str]:
+    return ["--params", "params.yaml", "--tokens", "tokens", "--model", f"{name}/model.pt",
+            "--checkpoints", f"{name}/checkpoints", "--metrics", f"{name}/train.json", "--step-log",
+            f"{name}/log.tsv", "--val-log", f"{name}/val.tsv", "--snapshots", f"{name}/snapshots"]
+
+
+def test_a_resumed_run_keeps_the_earlier_snapshots_and_ends_with_those_of_an_uninterrupted_run(tmp_path):
+    write_tokens(tmp_path / "tokens")
+    write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS)
+    full = run_stage("train.py", *_stage_args("full"), cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    killed = kill_when_checkpoint_appears(stage_command("train.py", *_stage_args("run")),
+                                          tmp_path / "run/checkpoints/ckpt.pt", cwd=tmp_path, env=stage_env())
+    assert killed.returncode == -9, killed.stderr
+    folder = tmp_path / "run" / "snapshots"
+    before = {path.name: path.stat().st_mtime_ns for _, path in list_snapshots(folder)}
+    assert before, "the first checkpoint comes after the first validation point"
+    planted = folder / "step_000031.pt"  # a snapshot from the future of this run: the resumed run recomputes it
+    planted.write_bytes(list_snapshots(folder)[-1][1].read_bytes())
+
+    resumed = run_stage("train.py", *_stage_args("run"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    start = json.loads((tmp_path / "run/train.json").read_text())["resumed_from_step"]
+    assert 0 < start < STEPS
+    assert not planted.exists()
+    after = {path.name: path.stat().st_mtime_ns for _, path in list_snapshots(folder)}
+    kept = {name for name, step in ((n, int(n[5:11])) for n in before) if step <= start}
+    assert kept and all(after[name] == before[name] for name in kept)  # not rewritten
+    ours, reference = _snapshot_table(folder), _snapshot_table(tmp_path / "full" / "snapshots")
+    assert ours[["step", "train_tokens", "fingerprint"]].equals(reference[["step", "train_tokens", "fingerprint"]])
+    assert ours["step"].tolist() == EVAL_STEPS
+    for (_, a), (_, b) in zip(list_snapshots(folder), list_snapshots(tmp_path / "full" / "snapshots")):
+        for name, value in load_model(a)[0].state_dict().items():
+            torch.testing.assert_close(value, load_model(b)[0].state_dict()[name], rtol=1e-3, atol=1e-3)
