@@ -21,7 +21,7 @@ from attnlab.core.params import ModelConfig
 from attnlab.model.checkpoint import load_model, save_model
 from attnlab.model.transformer import Transformer
 from attnlab.report.figures import FIGURES
-from attnlab.training.snapshots import save_snapshot
+from attnlab.model.snapshots import save_snapshot
 
 pytestmark = pytest.mark.xdist_group("attention_stages")
 

@@ -18,7 +18,7 @@ from attnlab.core.errors import ConfigError
 from attnlab.core.params import load_params
 from attnlab.model.checkpoint import load_model
 from attnlab.training.loop import TrainPaths, train
-from attnlab.training.snapshots import list_snapshots
+from attnlab.model.snapshots import list_snapshots
 
 N_EXAMPLES, LAYERS, HEADS = 6, 2, 2  # TINY_TRAIN_PARAMS: 2 layers x 2 heads, seq_len 32
 EVAL_STEPS = [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 32]  # 32 steps, validation every 3 and at the last

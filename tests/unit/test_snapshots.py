@@ -1,4 +1,4 @@
-"""Weight snapshots (attnlab.training.snapshots): the files round trip, and real tiny training runs write one per
+"""Weight snapshots (attnlab.model.snapshots): the files round trip, and real tiny training runs write one per
 validation point, keep them across a kill and resume, and drop those of other params."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from builders import (
 from attnlab.core.params import load_params
 from attnlab.model.checkpoint import load_model
 from attnlab.training.loop import TrainPaths, train
-from attnlab.training.snapshots import (
+from attnlab.model.snapshots import (
     SNAPSHOT_DTYPE,
     list_snapshots,
     prune_snapshots,

@@ -1,5 +1,5 @@
 """Attention across training: the attention statistics of every weight snapshot of the train stage
-(models/snapshots, attnlab.training.snapshots) on the validation examples of the attention_stats stage, per head.
+(models/snapshots, attnlab.model.snapshots) on the validation examples of the attention_stats stage, per head.
 
 One row per (snapshot, layer, head) -> data/attention/dynamics.parquet: train_tokens, step, split ("val"), layer,
 head, mean_entropy_bits, mean_support, mean_normalized_support. The per-row statistics and the examples are
@@ -26,7 +26,7 @@ from attnlab.core.io import atomic_path
 from attnlab.core.params import Params
 from attnlab.model.checkpoint import load_model
 from attnlab.model.transformer import Transformer
-from attnlab.training.snapshots import list_snapshots
+from attnlab.model.snapshots import list_snapshots
 
 SPLIT = HEADS_SPLIT  # "val": the split attention.json reports per head
 HEAD_STATS = ("entropy_bits", "support", "normalized_support")  # columns mean_<name>

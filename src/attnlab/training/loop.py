@@ -35,7 +35,7 @@ from attnlab.training.checkpoints import fingerprint, load_checkpoint, save_chec
 from attnlab.training.distributed import Dist, check_world, dist_from_env
 from attnlab.training.monitor import LOG_COLUMNS, VAL_COLUMNS, LearningWatch, append_log, warn_if_long, write_log
 from attnlab.training.schedule import Budget, autocast_dtype, lr_at, make_budget, make_optimizer
-from attnlab.training.snapshots import prune_snapshots, save_snapshot
+from attnlab.model.snapshots import prune_snapshots, save_snapshot
 
 
 class TrainingError(AttnlabError):
@@ -50,7 +50,7 @@ class TrainPaths:
     log: Path  # per-step TSV for `dvc plots`
     val_log: Path  # validation loss against tokens seen
     metrics: Path  # reports/train.json
-    snapshots: Path  # persistent folder: float16 weights at every validation point (attnlab.training.snapshots)
+    snapshots: Path  # persistent folder: float16 weights at every validation point (attnlab.model.snapshots)
 
 
 @dataclass
