@@ -17,10 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from attnlab.core.errors import ConfigError
-from attnlab.report.compare import Selection, build_parser, grid_values, read_rows, render
+from attnlab.report.compare import (
+    MARKDOWN_METRICS, Selection, build_parser, grid_values, markdown_table, read_rows, render,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 while not (ROOT / "Makefile").exists() and ROOT != ROOT.parent:  # tests/ or tests/e2e/
@@ -238,3 +241,17 @@ def test_make_renders_exactly_the_grids_it_queues():
             assert [grid[0] for grid in args.grid] == ["model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex",
                                                        "model.qkv_nonlinear_heads=[all]"]
         assert all(grid[-1] == "seed=1,2" for grid in args.grid)
+
+
+def test_markdown_rows_are_named_by_variant_with_mean_and_std():
+    summary = pd.DataFrame({
+        "variant": ["rope, []", "rope, ['all']", "learned, []"],
+        "params.model.pe": ["rope", "rope", "learned"],
+        "params.model.qkv_nonlinear_heads": ["[]", "['all']", "[]"],
+        "n_seeds": [3, 3, 1],
+        **{f"{m}_mean": [1.0, 2.0, 3.0] for m in MARKDOWN_METRICS},
+        **{f"{m}_std": [0.01, 0.02, float("nan")] for m in MARKDOWN_METRICS},
+    })  # fmt: skip
+    rows = [line.split(" | ") for line in markdown_table(summary).splitlines()[2:]]
+    assert [row[0] for row in rows] == ["| rope", "| nonlinear_qkv ['all']", "| learned"]
+    assert rows[0][2] == "1.0000 \u00b1 0.0100" and rows[2][2] == "3.0000"  # one seed: no error bar
