@@ -82,6 +82,11 @@ def test_the_last_snapshot_agrees_with_attention_json(run):
     assert check["within_tolerance"] and check["max_abs_diff_entropy_bits"] <= TOLERANCE["entropy_bits"]
     first = table[table["step"] == EVAL_STEPS[0]]
     assert not np.allclose(first["mean_normalized_support"], last["mean_normalized_support"])  # it did change
+    for layer in (0, 1):  # the per-layer summary: the mean over the layer's heads at the first and last snapshot
+        by_layer = metrics["normalized_support_by_layer"][f"L{layer}"]
+        assert by_layer["first"] == pytest.approx(first.loc[first["layer"] == layer, "mean_normalized_support"].mean())
+        assert by_layer["last"] == pytest.approx(last.loc[last["layer"] == layer, "mean_normalized_support"].mean())
+    assert metrics["first"]["mean_entropy_bits"] == pytest.approx(first["mean_entropy_bits"].mean())
 
 
 def test_head_means_are_the_numbers_of_stats_py(run):

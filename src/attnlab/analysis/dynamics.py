@@ -82,14 +82,20 @@ def dynamics_metrics(table: pd.DataFrame, reference: dict | None) -> dict:
     """reports/attention_dynamics.json: the snapshots' span, the last one's means, and (with attention.json as
     reference) how far the last snapshot is from it."""
     steps = table.drop_duplicates("step")
-    last = table[table["step"] == steps["step"].iloc[-1]]
+    first, last = (table[table["step"] == steps["step"].iloc[i]] for i in (0, -1))
     metrics = {
         "n_snapshots": len(steps),
         "first_step": int(steps["step"].iloc[0]),
         "last_step": int(steps["step"].iloc[-1]),
         "first_train_tokens": int(steps["train_tokens"].iloc[0]),
         "last_train_tokens": int(steps["train_tokens"].iloc[-1]),
+        "first": {f"mean_{name}": float(first[f"mean_{name}"].mean()) for name in HEAD_STATS},
         "last": {f"mean_{name}": float(last[f"mean_{name}"].mean()) for name in HEAD_STATS},
+        "normalized_support_by_layer": {  # first and last snapshot, mean over the layer's heads
+            f"L{layer}": {"first": float(first.loc[first["layer"] == layer, "mean_normalized_support"].mean()),
+                          "last": float(last.loc[last["layer"] == layer, "mean_normalized_support"].mean())}
+            for layer in sorted(table["layer"].unique())
+        },
     }
     if reference is not None:
         metrics["last_vs_attention_stats"] = compare_last(last, reference)
