@@ -16,7 +16,7 @@ QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sam
 	-S probe.n_examples=16
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv run quick test bench bench-compile gpu-check compare sweep clean-venv
+.PHONY: venv run quick test bench bench-compile gpu-check compare sweep results clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,17 @@ compare: venv  ## every PE variant + non-linear Q/K/V, x compare.seeds, as DVC e
 	OMP_NUM_THREADS=$(COMPARE_THREADS) dvc exp run --run-all -j $(JOBS)
 	$(BIN)/python -m attnlab.report.compare $(PROFILE) --grid '$(COMPARE_PE)' seed=$(COMPARE_SEEDS) \
 		--grid '$(COMPARE_QKV)' seed=$(COMPARE_SEEDS) --out reports/compare.html --figure reports/figures/compare_val_loss.png
+
+# `make results`: the experiments behind docs/results.md on the quick CPU profile — every variant of `make compare`
+# x compare.seeds, plus the default variant under bf16 autocast x compare.seeds — then their tables.
+RESULTS_BF16 ?= train.precision=bf16
+RESULTS_JOBS ?= 2
+results: venv  ## docs/results.md's runs: make compare QUICK=1 + bf16 seeds -> reports/compare.html, reports/results_tables.md
+	dvc exp run --queue $(QUICK_PARAMS) -S '$(RESULTS_BF16)' -S seed=$(COMPARE_SEEDS)
+	$(MAKE) compare QUICK=1 JOBS=$(RESULTS_JOBS)
+	$(BIN)/python -m benchmarks.results_tables $(QUICK_PARAMS) --grid '$(COMPARE_PE)' seed=$(COMPARE_SEEDS) \
+		--grid '$(COMPARE_QKV)' seed=$(COMPARE_SEEDS) --grid '$(RESULTS_BF16)' seed=$(COMPARE_SEEDS) \
+		--out reports/results_tables.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,156 @@
+"""The tables of docs/results.md, from the experiments `make results` ran (the HEAD commit's, via dvc exp show).
+
+    python -m benchmarks.results_tables --out reports/results_tables.md       # the last step of `make results`
+
+Which experiments: the same selection as `make compare` (attnlab.report.compare), with the Makefile's grids
+and profile passed the same way (-S for the profile, one --grid per queued grid). Tables:
+
+1. one row per variant (PE grid + non-linear Q/K/V grid): mean ± std over seeds of val loss, bits per byte,
+   loss at 2x the trained length, mean attention entropy and training tokens/s (compare.markdown_table);
+2. fp32 against bf16 autocast for the default variant, per seed, when a --grid with train.precision=bf16 ran;
+3. the interventions on the default variant (its seeds): the loss under uniform attention, hard top-k,
+   temperature, and its change against the unchanged model;
+4. head importance: the loss increase when each head is mean-ablated, per head, mean ± std over seeds;
+5. attention across training: mean normalized support at the first and the last snapshot, per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from attnlab.core.io import write_text
+from attnlab.report.compare import Selection, _value, load_experiments, markdown_table, read_rows, summarize
+
+INTERVENTIONS = "reports/interventions.json"
+DYNAMICS = "reports/attention_dynamics.json"
+EVAL = "reports/eval.json"
+ROWS = [  # (label, key in interventions.json, flattened as exp_show does)
+    ("unchanged model", "baseline.loss"),
+    ("uniform attention, every layer", "uniform_all.loss"),
+    ("uniform attention, layer 0 only", "uniform_layer.0.loss"),
+    ("uniform attention, layer 1 only", "uniform_layer.1.loss"),
+    ("hard top-1 (each query attends to its highest-scoring key)", "top_k.1.loss"),
+    ("hard top-2", "top_k.2.loss"),
+    ("hard top-8", "top_k.8.loss"),
+    ("temperature 0.5 (sharper)", "temperature.0.5.loss"),
+    ("temperature 2 (flatter)", "temperature.2.0.loss"),
+    ("temperature 4", "temperature.4.0.loss"),
+]
+
+
+def mean_std(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not values:
+        return "\u2014"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} \u00b1 {statistics.stdev(values):.{digits}f}"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def number(row: dict, file: str, key: str) -> float:
+    value = _value(row, file, key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def default_runs(experiments: pd.DataFrame, raw: dict[str, dict], precision: str = "auto") -> list[dict]:
+    """exp_show rows of the successful default-variant experiments (rope, linear Q/K/V) of that precision."""
+    chosen = experiments[(experiments["state"] == "success")
+                         & (experiments["params.model.pe"] == "rope")
+                         & (experiments["params.model.qkv_nonlinear_heads"].astype(str) == "[]")
+                         & (experiments["params.train.precision"] == precision)]
+    return [raw[rev] for rev in chosen.sort_values("params.seed")["rev"]]
+
+
+def interventions_table(runs: list[dict]) -> str:
+    base = [number(r, INTERVENTIONS, "baseline.loss") for r in runs]
+    rows = []
+    for label, key in ROWS:
+        losses = [number(r, INTERVENTIONS, key) for r in runs]
+        deltas = [loss - b for loss, b in zip(losses, base)]
+        rows.append([label, mean_std(losses), "" if key == "baseline.loss" else mean_std(deltas)])
+    return table(["intervention (every head unless said)", "val loss (nats)", "change"], rows)
+
+
+def head_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
+    rows = []
+    for layer in range(n_layers):
+        cells = [mean_std([number(r, INTERVENTIONS, f"mean_ablate.L{layer}H{head}.delta") for r in runs])
+                 for head in range(n_heads)]
+        rows.append([f"layer {layer}", *cells])
+    return table(["", *(f"head {h}" for h in range(n_heads))], rows)
+
+
+def dynamics_table(runs: list[dict], n_layers: int) -> str:
+    rows = []
+    for layer in range(n_layers):
+        key = f"normalized_support_by_layer.L{layer}"
+        first = [number(r, DYNAMICS, f"{key}.first") for r in runs]
+        last = [number(r, DYNAMICS, f"{key}.last") for r in runs]
+        rows.append([f"layer {layer}", mean_std(first), mean_std(last)])
+    tokens = [number(r, DYNAMICS, "first_train_tokens") for r in runs], [number(r, DYNAMICS, "last_train_tokens") for r in runs]
+    head = [f"layer", f"first snapshot ({tokens[0][0]:,.0f} tokens)" if tokens[0] else "first",
+            f"last snapshot ({tokens[1][0]:,.0f} tokens)" if tokens[1] else "last"]
+    return table(head, rows)
+
+
+def precision_table(fp32: list[dict], bf16: list[dict], experiments: pd.DataFrame) -> str:
+    rows = []
+    for label, runs in (("fp32", fp32), ("bf16 autocast", bf16)):
+        losses = [number(r, EVAL, "val_loss") for r in runs]
+        speed = [number(r, "reports/train.json", "tokens_per_sec") for r in runs]
+        rows.append([label, *(f"{v:.4f}" for v in losses), mean_std(losses, 4), mean_std(speed, 0)])
+    n = max(len(fp32), len(bf16))
+    return table(["precision", *(f"seed {i + 1}" for i in range(n)), "mean ± std", "tokens/s"], rows)
+
+
+def build(rows: list[dict], selection: Selection, bf16: bool) -> str:
+    experiments, sentence = load_experiments(rows, selection)
+    raw = {row["rev"]: row for row in rows if row.get("rev")}
+    variants = experiments[experiments["params.train.precision"] == "auto"]
+    summary, _ = summarize(variants)
+    runs = default_runs(experiments, raw)
+    if not runs:
+        raise SystemExit("results_tables: no successful rope experiment among the selected ones")
+    n_layers = int(float(experiments["params.model.n_layers"].iloc[0]))
+    n_heads = int(float(experiments["params.model.n_heads"].iloc[0]))
+    parts = [f"<!-- {sentence} -->\n", "### Variants\n", markdown_table(summary),
+             f"\n### Interventions (rope, {len(runs)} seeds)\n", interventions_table(runs),
+             f"\n### Head importance: val loss increase when the head is mean-ablated (rope, {len(runs)} seeds)\n",
+             head_table(runs, n_layers, n_heads),
+             f"\n### Attention across training: mean normalized support (rope, {len(runs)} seeds)\n",
+             dynamics_table(runs, n_layers)]
+    if bf16:
+        parts += ["\n### fp32 and bf16 autocast (rope)\n",
+                  precision_table(runs, default_runs(experiments, raw, "bf16"), experiments)]
+    return "".join(parts)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", nargs="+", action="append", default=[], metavar="SPEC")
+    parser.add_argument("-S", "--set-param", dest="sets", action="append", default=[], metavar="SPEC")
+    parser.add_argument("--repo", default=".")
+    parser.add_argument("--exp-json", default=None)
+    parser.add_argument("--out", default="reports/results_tables.md")
+    args = parser.parse_args(argv)
+    selection = Selection(Path(args.repo) / "params.yaml", args.sets, args.grid)
+    bf16 = any("train.precision=bf16" in spec for grid in args.grid for spec in grid)
+    text = build(read_rows(args.repo, args.exp_json), selection, bf16)
+    write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
