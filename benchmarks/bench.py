@@ -377,8 +377,15 @@ def attention_analysis(setup: BenchSetup, results: dict) -> dict:
     return {key: value for key, value in rows.items() if key not in ("device", "shape", "threads")}
 
 
+def train_loop(setup: BenchSetup, results: dict) -> dict:
+    from benchmarks.bench_quality import train_loop_at_bench_shape
+
+    return train_loop_at_bench_shape(setup, results)
+
+
 SECTIONS: list[tuple[str, Section]] = [
     ("train_fp32", train_fp32),
+    ("train_loop", train_loop),
     ("train_bf16", train_bf16),
     ("attention_paths", attention_paths),
     ("mfu", mfu),
@@ -443,6 +450,8 @@ TABLE = [  # (key, label, format)
     ("quality_attnlab_val_loss", "quality: attnlab val loss (nats)", "{:.4f}"),
     ("quality_reference_val_loss", "quality: reference GPT val loss (nats)", "{:.4f}"),
     ("quality_vs_reference", "  attnlab / reference (goal <= 1.0)", "{:.3f}"),
+    ("train_loop_tok_s_bench_shape", "train stage loop tok/s, bench shape (no validation)", "{:,.0f}"),
+    ("train_loop_vs_step_bench_shape", "  loop / bare step, bench shape", "{:.2f}x"),
     ("train_loop_tok_s", "train stage loop tok/s, quality shape (no validation)", "{:,.0f}"),
     ("bare_step_tok_s", "bare fwd+bwd+AdamW step tok/s, same model and shape", "{:,.0f}"),
     ("train_loop_vs_step", "  loop / bare step (goal >= 0.95)", "{:.2f}x"),

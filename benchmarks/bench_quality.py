@@ -95,3 +95,42 @@ def quality_comparison(params: Params, tokens_dir: str | Path, log=print) -> dic
         "train_loop_vs_step": round(loop_tok_s / step_mean, 4),
         "stage_vs_reference_speed": round(loop_tok_s / ref_tok_s, 4),
     }
+
+
+LOOP_STEPS = 20  # train stage steps timed at the bench shape
+
+
+def train_loop_at_bench_shape(setup: BenchSetup, results: dict) -> dict:
+    """The train stage's own loop (attnlab.training.loop.train) for LOOP_STEPS steps at the bench shape, on the
+    bench's token stream written as a token folder: ``train_loop_tok_s_bench_shape`` (train.json's tokens_per_sec,
+    validation left out), and against the bare step of the train_fp32 section of the same run."""
+    import json
+
+    params = Params()  # the recipe's defaults; shape, batch and budget from the bench
+    with tempfile.TemporaryDirectory(prefix="attnlab-loop-") as tmp:
+        out = Path(tmp)
+        tokens = out / "tokens"
+        tokens.mkdir()
+        stream = setup.token_stream.astype(np.uint16)
+        split = len(stream) - 4 * setup.cfg.seq_len
+        stream[:split].tofile(tokens / "train.bin")
+        stream[split:].tofile(tokens / "val.bin")
+        meta = {"vocab_size": setup.vocab_size, "eos_id": 1,
+                "train": {"tokens": split}, "val": {"tokens": len(stream) - split}}
+        (tokens / "meta.json").write_text(json.dumps(meta))
+        run_params = dataclasses.replace(
+            params, seed=setup.seed, model=setup.cfg,
+            tokenizer=dataclasses.replace(params.tokenizer, vocab_size=setup.vocab_size),
+            train=dataclasses.replace(params.train, device=str(setup.device), batch_size=setup.batch_size,
+                                      micro_batch_size=0, max_tokens=LOOP_STEPS * setup.tokens_per_step,
+                                      eval_tokens=setup.cfg.seq_len, precision="fp32", compile=False),
+        )
+        paths = TrainPaths(tokens=tokens, model=out / "model.pt", checkpoints=out / "checkpoints",
+                           log=out / "log.tsv", val_log=out / "val.tsv", metrics=out / "train.json",
+                           snapshots=out / "snapshots")
+        loop_tok_s = train(run_params, paths)["tokens_per_sec"]
+    step_tok_s = results.get("train_tok_s")
+    return {
+        "train_loop_tok_s_bench_shape": round(loop_tok_s, 1),
+        "train_loop_vs_step_bench_shape": round(loop_tok_s / step_tok_s, 4) if step_tok_s else None,
+    }

@@ -38,6 +38,9 @@ def test_bench_writes_every_key_at_a_tiny_shape(tmp_path, monkeypatch, capsys):
     assert results["config"]["token_source"] == "synthetic"
     assert len(results["loss_curve_fp32"]) == len(results["loss_curve_bf16"]) == 2
     assert list(results["section_seconds"]) == [name for name, _ in bench.SECTIONS] + ["quality"]
+    assert results["train_loop_tok_s_bench_shape"] > 0  # the train stage's own loop, at the bench shape
+    assert results["train_loop_vs_step_bench_shape"] == pytest.approx(
+        results["train_loop_tok_s_bench_shape"] / results["train_tok_s"], rel=1e-3)
     assert "no token files" in results["quality_skipped"]
     printed = capsys.readouterr().out
     assert "attnlab / torch, fp32" in printed and "MFU bf16" in printed
