@@ -100,7 +100,7 @@ def dynamics_table(runs: list[dict], n_layers: int) -> str:
         last = [number(r, DYNAMICS, f"{key}.last") for r in runs]
         rows.append([f"layer {layer}", mean_std(first), mean_std(last)])
     tokens = [number(r, DYNAMICS, "first_train_tokens") for r in runs], [number(r, DYNAMICS, "last_train_tokens") for r in runs]
-    head = [f"layer", f"first snapshot ({tokens[0][0]:,.0f} tokens)" if tokens[0] else "first",
+    head = ["layer", f"first snapshot ({tokens[0][0]:,.0f} tokens)" if tokens[0] else "first",
             f"last snapshot ({tokens[1][0]:,.0f} tokens)" if tokens[1] else "last"]
     return table(head, rows)
 
