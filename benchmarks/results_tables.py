@@ -84,12 +84,15 @@ def interventions_table(runs: list[dict]) -> str:
 
 
 def head_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
+    """Per layer: the mean-ablation loss increase of its heads — their mean, the largest and the smallest — each
+    mean ± std over seeds. Heads are compared within a run only: head h of one seed is not head h of another."""
     rows = []
     for layer in range(n_layers):
-        cells = [mean_std([number(r, INTERVENTIONS, f"mean_ablate.L{layer}H{head}.delta") for r in runs])
-                 for head in range(n_heads)]
-        rows.append([f"layer {layer}", *cells])
-    return table(["", *(f"head {h}" for h in range(n_heads))], rows)
+        per_run = [[number(r, INTERVENTIONS, f"mean_ablate.L{layer}H{head}.delta") for head in range(n_heads)]
+                   for r in runs]
+        rows.append([f"layer {layer}", mean_std([statistics.mean(d) for d in per_run]),
+                     mean_std([max(d) for d in per_run]), mean_std([min(d) for d in per_run])])
+    return table(["", "mean over its heads", "most important head", "least important head"], rows)
 
 
 def dynamics_table(runs: list[dict], n_layers: int) -> str:

@@ -38,8 +38,9 @@ def test_interventions_are_losses_and_changes_against_each_seeds_own_baseline():
 def test_head_importance_and_dynamics_per_layer():
     runs = [run(1), run(2), run(3)]
     heads = head_table(runs, n_layers=2, n_heads=2).splitlines()
-    assert heads[0] == "|  | head 0 | head 1 |"
-    assert heads[3] == "| layer 1 | 0.200 \u00b1 0.000 | 0.220 \u00b1 0.010 |"
+    assert heads[0] == "|  | mean over its heads | most important head | least important head |"
+    # layer 1: heads 0.2 and 0.2 + 0.01 * seed -> mean 0.2 + 0.005 * seed, largest 0.2 + 0.01 * seed, smallest 0.2
+    assert heads[3] == "| layer 1 | 0.210 \u00b1 0.005 | 0.220 \u00b1 0.010 | 0.200 \u00b1 0.000 |"
     dynamics = dynamics_table(runs, n_layers=2).splitlines()
     assert dynamics[0] == "| layer | first snapshot (1,000 tokens) | last snapshot (10,000 tokens) |"
     assert dynamics[2] == "| layer 0 | 0.900 \u00b1 0.000 | 0.320 \u00b1 0.010 |"

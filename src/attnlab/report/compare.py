@@ -285,9 +285,11 @@ def _fmt(value: float, column: str) -> str:
 
 
 def _mean_std(mean: float, std: float, column: str) -> str:
+    """mean ± std, the std with the mean's precision (tokens/s: whole numbers for both)."""
     if math.isnan(mean) or math.isnan(std):
         return _fmt(mean, column)
-    return f"{_fmt(mean, column)} \u00b1 {_fmt(std, column)}"
+    whole = column in COUNTS or abs(mean) >= 1000
+    return f"{_fmt(mean, column)} \u00b1 {std:,.0f}" if whole else f"{_fmt(mean, column)} \u00b1 {std:.4f}"
 
 
 def page_context(title: str, table: pd.DataFrame, summary: pd.DataFrame, keys: list[str], png: bytes,
