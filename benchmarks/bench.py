@@ -37,7 +37,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 import yaml
 
 from attnlab.analysis.capture import explicit_attention
@@ -48,6 +47,7 @@ from attnlab.core.io import write_json
 from attnlab.core.params import ModelConfig, TrainConfig, load_params
 from attnlab.data.tokens import batch_starts, check_length, load_meta, load_tokens, windows
 from attnlab.model.transformer import Transformer, count_parameters, flops_per_token, lm_loss
+from attnlab.training.schedule import fused_adamw
 
 # Dense bf16 tensor-core peak in FLOP/s (no sparsity), matched against torch.cuda.get_device_name().
 CUDA_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
@@ -178,7 +178,7 @@ def sync(device: torch.device) -> None:
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """The same AdamW for every model compared: the train stage's defaults and kernel (fused where supported)."""
     train = TrainConfig()
-    fused = next(model.parameters()).device.type in _get_fused_kernels_supported_devices()
+    fused = fused_adamw(next(model.parameters()).device)
     return torch.optim.AdamW(
         model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
         fused=fused or None,

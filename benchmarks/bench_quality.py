@@ -150,10 +150,7 @@ def train_loop_at_bench_shape(setup: BenchSetup, results: dict) -> dict:
                                       eval_tokens=setup.cfg.seq_len, precision="fp32", compile=False,
                                       checkpoint_every_frac=0.5),  # one mid-run checkpoint, not one every 2 steps
         )
-        paths = TrainPaths(tokens=tokens, model=out / "model.pt", checkpoints=out / "checkpoints",
-                           log=out / "log.tsv", val_log=out / "val.tsv", metrics=out / "train.json",
-                           snapshots=out / "snapshots")
-        loop_tok_s = train(run_params, paths)["tokens_per_sec"]
+        loop_tok_s = train_attnlab(run_params, tokens)[0]["tokens_per_sec"]
     step_tok_s = results.get("train_tok_s")
     return {
         "train_loop_tok_s_bench_shape": round(loop_tok_s, 1),

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from attnlab.core.io import write_text
-from attnlab.report.compare import Selection, _value, load_experiments, markdown_table, read_rows, summarize
+from attnlab.report.compare import Selection, load_experiments, markdown_table, metric_value, read_rows, summarize
 
 INTERVENTIONS = "reports/interventions.json"
 DYNAMICS = "reports/attention_dynamics.json"
@@ -60,7 +60,7 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def number(row: dict, file: str, key: str) -> float:
-    value = _value(row, file, key)
+    value = metric_value(row, file, key)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 

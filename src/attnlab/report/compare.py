@@ -143,7 +143,7 @@ def read_rows(repo: str | Path = ".", exp_json: str | Path | None = None) -> lis
     return rows
 
 
-def _value(row: dict, file: str, name: str):
+def metric_value(row: dict, file: str, name: str):
     """The value of `name` from `file`: DVC names a column `file:name` only where `name` is ambiguous."""
     qualified = f"{file}:{name}"
     return row[qualified] if qualified in row else row.get(name)
@@ -165,10 +165,10 @@ def experiments_table(rows: list[dict], param_keys: list[str], params_file: str 
         record = {"name": row.get("Experiment") or row["rev"], "rev": row["rev"],
                   "created": row.get("Created") or "", "state": state}
         for key in param_keys:
-            value = _value(row, params_file, key)
+            value = metric_value(row, params_file, key)
             record[f"params.{key}"] = "None" if value is None else value
         for column, (file, key) in METRICS.items():
-            record[column] = _number(_value(row, file, key)) if state == "success" else math.nan
+            record[column] = _number(metric_value(row, file, key)) if state == "success" else math.nan
         records.append(record)
     columns = ["name", "rev", "created", "state", *(f"params.{k}" for k in param_keys), *METRICS]
     return pd.DataFrame.from_records(records, columns=columns)

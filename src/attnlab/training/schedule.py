@@ -81,7 +81,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     decay = [p for n, p in named if decays(n, cfg.decay_embedding)]
     no_decay = [p for n, p in named if not decays(n, cfg.decay_embedding)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel for all parameters. Without it, CPU falls back to a Python loop over the parameters
-    # (PyTorch uses foreach only on accelerators by default), ~6% of a quick-profile step (docs/performance.md).
-    fused = device.type in _get_fused_kernels_supported_devices()
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_adamw(device) or None)
+
+
+def fused_adamw(device: torch.device) -> bool:
+    """Whether PyTorch has the fused AdamW kernel for this device (CPU, CUDA, MPS, ...). Without it the CPU falls
+    back to a Python loop over the parameters (PyTorch picks foreach only on accelerators by default), ~6% of a
+    quick-profile step (docs/performance.md)."""
+    return device.type in _get_fused_kernels_supported_devices()
