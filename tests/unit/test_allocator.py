@@ -31,5 +31,8 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
         return int(out.stdout.strip())
 
     default, kept = page_faults("default"), page_faults("keep")
-    assert default >= 4096  # after warm-up, 16 MB buffers (4,096 pages of 4 KB each) are faulted in again
-    assert kept < default / 10
+    # With the setting, no 16 MB buffer (4,096 pages of 4 KB) is faulted in again over the 10 steps. glibc's own
+    # dynamic thresholds re-fault them on some runs (16k-160k faults measured) and not on others (0), so the
+    # default is only the upper bound, not a number to beat by a margin.
+    assert kept < 4096
+    assert kept <= default
