@@ -16,7 +16,7 @@ QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sam
 	-S probe.n_examples=16
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv run quick test bench bench-compile gpu-check compare sweep results clean-venv
+.PHONY: venv run quick test bench bench-compile gpu-check precision-seeds compare sweep results clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ bench: venv  ## throughput figures + quality against a reference GPT at the quic
 
 bench-compile: venv  ## torch.compile against eager on the CPU, quick and default shape, compile time included -> reports/bench_compile.json
 	$(BIN)/python -m benchmarks.bench_compile --out reports/bench_compile.json
+
+# fp32 against bf16 autocast on the quick profile x PRECISION_SEEDS, the train stage's own function on data/tokens
+# (`make quick` first); the table behind `train.precision: auto` in docs/performance.md. Where bf16 is emulated
+# (CPUs without avx512_bf16/amx_bf16) a bf16 run takes ~15x as long as fp32: over an hour for the three.
+PRECISION_SEEDS ?= 1 2 3
+PRECISION_JOBS ?= 3
+precision-seeds: venv  ## fp32 vs bf16 autocast, quick profile x 3 seeds -> reports/precision_seeds.json + a markdown table
+	$(BIN)/python -m benchmarks.precision_seeds --out reports/precision_seeds.json --seeds $(PRECISION_SEEDS) \
+		--jobs $(PRECISION_JOBS) $(subst -S ,--set ,$(QUICK_PARAMS))
 
 # On a machine without CUDA it refuses at once (exit status 1, the last line of the script says CUDA is needed).
 gpu-check: venv  ## one CUDA GPU: data stages, a few hundred bf16 + compile steps of the default shape, attention analysis -> reports/gpu_check.json (DRY_RUN=1: CPU, tiny shape)

@@ -91,27 +91,45 @@ def reference_lr(step: int, steps: int) -> float:
     return floor + 0.5 * (LR - floor) * (1 + math.cos(math.pi * progress))
 
 
+class ReferenceTrainer:
+    """The reference's textbook training loop, one step at a time (`make bench` also interleaves these steps with
+    windows of attnlab's train stage, so both speeds are measured at the same moments)."""
+
+    def __init__(self, shape: ReferenceShape, train_tokens: np.ndarray, steps: int, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu"):
+        torch.manual_seed(seed)
+        self.shape, self.train_tokens, self.steps = shape, train_tokens, steps
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.model = ReferenceGPT(shape).to(device)
+        matrices = [p for p in self.model.parameters() if p.dim() >= 2]
+        others = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
+                                            {"params": others, "weight_decay": 0.0}], lr=LR, betas=BETAS)
+        self.model.train()
+
+    def step(self, step: int) -> None:
+        """One optimizer step on batch `step` (drawn as attnlab's train stage draws it)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = reference_lr(step % self.steps, self.steps)
+        seq_len = self.shape.seq_len
+        x, y = windows(self.train_tokens, batch_starts(len(self.train_tokens), seq_len, self.batch_size, self.seed,
+                                                       step), seq_len)
+        logits = self.model(x.to(self.device))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def train_reference(shape: ReferenceShape, train_tokens: np.ndarray, steps: int, batch_size: int, seed: int,
                     device: torch.device | str = "cpu") -> tuple[ReferenceGPT, float]:
     """Trains the reference for `steps` steps of `batch_size` windows; returns (model, training tokens/s)."""
-    torch.manual_seed(seed)
-    model = ReferenceGPT(shape).to(device)
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": WEIGHT_DECAY},
-                                   {"params": others, "weight_decay": 0.0}], lr=LR, betas=BETAS)
-    model.train()
+    trainer = ReferenceTrainer(shape, train_tokens, steps, batch_size, seed, device)
     start = time.perf_counter()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = reference_lr(step, steps)
-        x, y = windows(train_tokens, batch_starts(len(train_tokens), shape.seq_len, batch_size, seed, step),
-                       shape.seq_len)
-        logits = model(x.to(device))  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.step(step)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return model, steps * batch_size * shape.seq_len / seconds
+    return trainer.model, steps * batch_size * shape.seq_len / seconds
