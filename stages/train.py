@@ -1,5 +1,5 @@
 """train stage: train the transformer on data/tokens; resumes from models/checkpoints when killed. Writes a
-float16 weight snapshot to models/snapshots at every validation point (for the attention_dynamics stage).
+float16 weight snapshot to models/snapshots at initialization and every validation point (for the attention_dynamics stage).
 
 With train.nproc_per_node > 1 this script re-launches itself under `torchrun --standalone`; for several
 nodes, run it under torchrun yourself (see the README, "Scaling up").
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metrics", default="reports/train.json")
     parser.add_argument("--step-log", default="reports/train_log.tsv")
     parser.add_argument("--val-log", default="reports/val_log.tsv")
-    parser.add_argument("--snapshots", default="models/snapshots", help="float16 weights at every validation point")
+    parser.add_argument("--snapshots", default="models/snapshots", help="float16 weights at init and every validation point")
     args = parser.parse_args(argv)
     params = load_params(args.params)
 

@@ -22,6 +22,7 @@ from attnlab.model.snapshots import list_snapshots
 
 N_EXAMPLES, LAYERS, HEADS = 6, 2, 2  # TINY_TRAIN_PARAMS: 2 layers x 2 heads, seq_len 32
 EVAL_STEPS = [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 32]  # 32 steps, validation every 3 and at the last
+SNAPSHOT_STEPS = [0] + EVAL_STEPS  # and one at initialization
 STAGE_ARGS = ["--params", "params.yaml", "--snapshots", "run/snapshots", "--tokens", "tokens", "--reference",
               "reports/attention.json", "--out", "attention/dynamics.parquet", "--metrics", "reports/dynamics.json"]
 
@@ -53,17 +54,17 @@ def test_one_row_per_snapshot_layer_and_head_on_the_val_examples(run):
     assert {"train_tokens", "step", "split", "layer", "head", "mean_entropy_bits", "mean_support",
             "mean_normalized_support"} <= set(table.columns)
     assert table["train_tokens"].dtype == np.int64 and set(table["split"].astype(str)) == {"val"}
-    assert len(table) == len(EVAL_STEPS) * LAYERS * HEADS
+    assert len(table) == len(SNAPSHOT_STEPS) * LAYERS * HEADS
     for step, part in table.groupby("step"):
         assert sorted(zip(part["layer"], part["head"])) == [(l, h) for l in range(LAYERS) for h in range(HEADS)]
     steps = table.drop_duplicates("step")
-    assert steps["step"].tolist() == EVAL_STEPS
-    assert steps["train_tokens"].tolist() == [s * 8 * 32 for s in EVAL_STEPS]  # done * tokens_per_step
+    assert steps["step"].tolist() == SNAPSHOT_STEPS
+    assert steps["train_tokens"].tolist() == [s * 8 * 32 for s in SNAPSHOT_STEPS]  # done * tokens_per_step
     assert ((table["mean_normalized_support"] > 0) & (table["mean_normalized_support"] <= 1)).all()
     bits = np.log2(table["mean_support"])  # support = 2^entropy per row, so mean support >= 2^mean entropy
     assert (bits >= table["mean_entropy_bits"] - 1e-9).all()
     line = (run / "stage_stdout.txt").read_text().strip().splitlines()[-1]
-    assert line.startswith(f"attention_dynamics: {len(EVAL_STEPS)} snapshots (768 to 8,192 tokens)")
+    assert line.startswith(f"attention_dynamics: {len(SNAPSHOT_STEPS)} snapshots (0 to 8,192 tokens)")
 
 
 def test_the_last_snapshot_agrees_with_attention_json(run):
@@ -76,11 +77,11 @@ def test_the_last_snapshot_agrees_with_attention_json(run):
         want = reference["heads"][f"L{row.layer}H{row.head}"]["mean_normalized_support"]
         assert row.mean_normalized_support == pytest.approx(want, abs=TOLERANCE["normalized_support"])
     metrics = json.loads((run / "reports" / "dynamics.json").read_text())
-    assert metrics["n_snapshots"] == len(EVAL_STEPS)
-    assert (metrics["first_train_tokens"], metrics["last_train_tokens"]) == (3 * 256, 32 * 256)
+    assert metrics["n_snapshots"] == len(SNAPSHOT_STEPS)
+    assert (metrics["first_train_tokens"], metrics["last_train_tokens"]) == (0, 32 * 256)
     check = metrics["last_vs_attention_stats"]
     assert check["within_tolerance"] and check["max_abs_diff_entropy_bits"] <= TOLERANCE["entropy_bits"]
-    first = table[table["step"] == EVAL_STEPS[0]]
+    first = table[table["step"] == 0]  # the untrained model
     assert not np.allclose(first["mean_normalized_support"], last["mean_normalized_support"])  # it did change
     for layer in (0, 1):  # the per-layer summary: the mean over the layer's heads at the first and last snapshot
         by_layer = metrics["normalized_support_by_layer"][f"L{layer}"]
@@ -121,5 +122,5 @@ def test_an_empty_or_missing_snapshot_folder_is_a_config_error_naming_it(run, tm
                        *STAGE_ARGS[4:], cwd=run)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'empty'}: no weight snapshots (step_*.pt) here: the " \
-        "train stage writes one at every validation point (dvc repro train)"
+        "train stage writes one at initialization and every validation point (dvc repro train)"
     assert list_snapshots(run / "run" / "snapshots")  # the run's own are untouched

@@ -21,6 +21,7 @@ from builders import (
 
 from attnlab.core.params import load_params
 from attnlab.model.checkpoint import load_model
+from attnlab.model.transformer import Transformer
 from attnlab.training.loop import TrainPaths, train
 from attnlab.model.snapshots import (
     SNAPSHOT_DTYPE,
@@ -88,21 +89,27 @@ def test_training_writes_one_snapshot_per_validation_point_and_a_fresh_run_drops
     assert metrics["steps"] == STEPS
     table = _snapshot_table(tmp_path / "snapshots")
     val_log = pd.read_csv(tmp_path / "val.tsv", sep="\t")
-    assert table["step"].tolist() == val_log["step"].tolist() == EVAL_STEPS
+    assert table["step"].tolist() == [0] + val_log["step"].tolist() == [0] + EVAL_STEPS  # init, then each validation
     assert table["name_step"].equals(table["step"])
-    assert table["train_tokens"].tolist() == val_log["tokens"].tolist() == [s * TOKENS_PER_STEP for s in EVAL_STEPS]
+    assert table["train_tokens"].tolist() == [0] + val_log["tokens"].tolist() == [s * TOKENS_PER_STEP
+                                                                                 for s in [0] + EVAL_STEPS]
     assert table["train_tokens"].is_monotonic_increasing and table["train_tokens"].iloc[-1] == metrics["train_tokens"]
     final, _ = load_model(tmp_path / "model.pt")
     last, _ = load_model(list_snapshots(tmp_path / "snapshots")[-1][1])
     for name, value in last.state_dict().items():  # the last snapshot is the final model, in float16
         torch.testing.assert_close(value, final.state_dict()[name].half().float(), rtol=0, atol=0)
+    first, _ = load_model(list_snapshots(tmp_path / "snapshots")[0][1])
+    torch.manual_seed(load_params(tmp_path / "params.yaml").seed)  # the train stage's init: seed, then the model
+    init = Transformer(first.cfg, first.vocab_size)  # (the stage builds it on the CPU here)
+    for name, value in first.state_dict().items():  # the first snapshot is the untrained model, in float16
+        torch.testing.assert_close(value, init.state_dict()[name].half().float(), rtol=0, atol=0)
 
     # other params (a smaller budget: 16 steps, validation every 2): the checkpoint is not resumed, and none of
     # the old run's snapshots survive, not even those at steps the new run never validates at
     metrics = _train_in_process(tmp_path, max_tokens=4096)
     assert metrics["resumed_from_step"] == 0
     table = _snapshot_table(tmp_path / "snapshots")
-    assert table["step"].tolist() == list(range(2, 17, 2))
+    assert table["step"].tolist() == list(range(0, 17, 2))
     assert table["fingerprint"].nunique() == 1
 
 
@@ -136,7 +143,7 @@ def test_a_resumed_run_keeps_the_earlier_snapshots_and_ends_with_those_of_an_uni
     assert kept and all(after[name] == before[name] for name in kept)  # not rewritten
     ours, reference = _snapshot_table(folder), _snapshot_table(tmp_path / "full" / "snapshots")
     assert ours[["step", "train_tokens", "fingerprint"]].equals(reference[["step", "train_tokens", "fingerprint"]])
-    assert ours["step"].tolist() == EVAL_STEPS
+    assert ours["step"].tolist() == [0] + EVAL_STEPS
     for (_, a), (_, b) in zip(list_snapshots(folder), list_snapshots(tmp_path / "full" / "snapshots")):
         for name, value in load_model(a)[0].state_dict().items():
             torch.testing.assert_close(value, load_model(b)[0].state_dict()[name], rtol=1e-3, atol=1e-3)

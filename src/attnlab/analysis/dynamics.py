@@ -112,7 +112,7 @@ def attention_dynamics(params: Params, snapshots_dir: str | Path, tokens_dir: st
     snapshots = list_snapshots(snapshots_dir)
     if not snapshots:
         raise ConfigError(str(snapshots_dir), "no weight snapshots (step_*.pt) here: the train stage writes one at "
-                          "every validation point (dvc repro train)")
+                          "initialization and every validation point (dvc repro train)")
     device = pick_device(params.train.device)
     frames, examples, shape = [], None, None
     for step, path in tqdm(snapshots, desc="attention dynamics", unit="snapshot", disable=not progress):

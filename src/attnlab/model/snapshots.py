@@ -1,5 +1,5 @@
-"""Weight snapshots taken during training, one at every validation point, so attention can be followed across
-training (the attention_dynamics stage).
+"""Weight snapshots taken during training, one at initialization (step 0) and one at every validation point, so
+attention can be followed across training from its start (the attention_dynamics stage).
 
 A snapshot is a model file (attnlab.model.checkpoint format: config, vocabulary size, weights) with its floating
 tensors in float16, named step_000123.pt in its folder (models/snapshots), its meta {"step", "train_tokens",

@@ -108,7 +108,7 @@ FIGURES: tuple[Figure, ...] = (
     ),
     _attention(
         "attn_support_over_training.png",
-        "Each head's mean normalized support on the validation examples at every validation point of training, "
+        "Each head's mean normalized support on the validation examples at initialization and every validation point of training, "
         "against tokens seen: when heads sharpen (falling lines) or spread out, and whether they settle before "
         "training ends.",
         "support_over_training", reads="dynamics",

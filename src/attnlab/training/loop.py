@@ -50,7 +50,7 @@ class TrainPaths:
     log: Path  # per-step TSV for `dvc plots`
     val_log: Path  # validation loss against tokens seen
     metrics: Path  # reports/train.json
-    snapshots: Path  # persistent folder: float16 weights at every validation point (attnlab.model.snapshots)
+    snapshots: Path  # persistent folder: float16 weights at init and every validation point (attnlab.model.snapshots)
 
 
 @dataclass
@@ -95,6 +95,8 @@ def train(params: Params, paths: TrainPaths, on_flush: Callable[[Run], None] | N
     on_flush(run), if given, runs right after each log flush (a host sync point), e.g. to time a window of steps.
     """
     run = set_up(params, paths)
+    if run.start_step == 0 and run.world.is_main:  # the weights at initialization: attention before any training
+        save_snapshot(paths.snapshots, run.model, 0, 0, run.fingerprint)
     cfg = params.train
     ckpt_every = max(1, int(round(cfg.checkpoint_every_frac * run.budget.steps)))
     eval_every = max(1, int(round(cfg.eval_every_frac * run.budget.steps)))
