@@ -17,10 +17,10 @@ from builders import (
     write_tokens,
 )
 
-from attnlab.core.device import pick_device
+from attnlab.core.device import cpu_flags_have_bf16, native_bf16, pick_device
 from attnlab.core.errors import ConfigError
 from attnlab.core.params import TrainConfig, load_params
-from attnlab.training.schedule import Budget, lr_at, make_budget
+from attnlab.training.schedule import Budget, autocast_dtype, lr_at, make_budget
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -44,6 +44,21 @@ def test_budget_follows_tokens_per_param_unless_max_tokens_is_set(tmp_path):
     params = load_params(write_params(tmp_path / "q.yaml", {"train": {"max_tokens": 100_000}}))
     budget = make_budget(params, params.tokenizer.vocab_size)
     assert budget.steps == 100_000 // (32 * 512)
+
+
+def test_precision_auto_is_bf16_only_where_bf16_is_native():
+    auto, fp32, bf16 = TrainConfig(precision="auto"), TrainConfig(precision="fp32"), TrainConfig(precision="bf16")
+    cpu = torch.device("cpu")
+    assert autocast_dtype(auto, cpu, native=True) is torch.bfloat16  # e.g. a Xeon with AMX
+    assert autocast_dtype(auto, cpu, native=False) is None  # emulated bf16: far slower than fp32
+    assert autocast_dtype(auto, torch.device("mps"), native=True) is None
+    assert autocast_dtype(auto, cpu) is (torch.bfloat16 if native_bf16(cpu) else None)  # this machine's flags
+    for device in (cpu, torch.device("cuda"), torch.device("mps")):  # an explicit choice is taken as it is
+        assert autocast_dtype(fp32, device, native=True) is None
+        assert autocast_dtype(bf16, device, native=False) is torch.bfloat16
+    assert cpu_flags_have_bf16("fpu avx2 avx512f avx512_bf16".split())
+    assert cpu_flags_have_bf16("fpu avx2 amx_tile amx_bf16".split())
+    assert not cpu_flags_have_bf16("fpu avx2 avx512f avx512_vnni".split())  # AMD EPYC of 2026-11-30: emulated
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

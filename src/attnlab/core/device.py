@@ -38,10 +38,14 @@ def native_bf16(device: torch.device) -> bool:
         return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = set(f.read().split())
+            return cpu_flags_have_bf16(f.read().split())
     except OSError:  # not Linux: no way to tell here, assume emulated
         return False
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def cpu_flags_have_bf16(flags) -> bool:
+    """Whether a CPU with these /proc/cpuinfo flags has bf16 arithmetic (AVX-512 BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 # glibc mallopt parameters (malloc.h)

@@ -9,19 +9,23 @@ from dataclasses import dataclass
 import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from attnlab.core.device import native_bf16
 from attnlab.core.params import Params, TrainConfig
 from attnlab.model.transformer import count_parameters
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where asked for (auto: on CUDA that supports it); None = plain fp32."""
+def autocast_dtype(cfg: TrainConfig, device: torch.device, native: bool | None = None) -> torch.dtype | None:
+    """bf16 autocast where asked for; None = plain fp32. auto: bf16 where the device runs it natively (CUDA that
+    supports it, a CPU with avx512_bf16 or amx_bf16: `native`, by default attnlab.core.device.native_bf16), fp32
+    elsewhere (MPS, and CPUs that emulate bf16 far slower than fp32). The quality side of that choice: fp32 and
+    bf16 over 3 seeds in docs/performance.md."""
     if cfg.precision == "fp32":
         return None
     if cfg.precision == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    if device.type not in ("cuda", "cpu"):
+        return None
+    return torch.bfloat16 if (native_bf16(device) if native is None else native) else None
 
 
 @dataclass(frozen=True)
