@@ -125,9 +125,13 @@ def quality_comparison(params: Params, tokens_dir: str | Path, log=print) -> dic
     reference, reference_whole_tok_s = train_reference(shape, train_tokens, budget.steps, batch_size, params.seed,
                                                        device=device)
     log("quality: training attnlab; after each window of its loop, as many bare steps and reference steps")
-    batches = [tuple(t.to(device) for t in windows(train_tokens, batch_starts(len(train_tokens), m.seq_len,
-                                                                              batch_size, params.seed, i), m.seq_len))
-               for i in range(4)]
+
+    def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:  # (B, T) inputs and targets, drawn as the stage draws
+        starts = batch_starts(len(train_tokens), m.seq_len, batch_size, params.seed, i)
+        x, y = windows(train_tokens, starts, m.seq_len)
+        return x.to(device), y.to(device)
+
+    batches = [batch(i) for i in range(4)]
     partner = ReferenceTrainer(shape, train_tokens, budget.steps, batch_size, params.seed + 1, device=device)
     timer = Interleaved({"bare_step": bare_step(params, vocab, batches, device), "reference": partner.step},
                         budget.tokens_per_step, device)
