@@ -76,9 +76,9 @@ compare: venv  ## every PE variant + non-linear Q/K/V, x compare.seeds, as DVC e
 		--grid '$(COMPARE_QKV)' seed=$(COMPARE_SEEDS) --out reports/compare.html --figure reports/figures/compare_val_loss.png
 
 # `make results`: the experiments behind docs/results.md on the quick CPU profile — every variant of `make compare`
-# x compare.seeds — then their tables. BF16=1 adds the default variant under bf16 autocast x compare.seeds (the
-# fp32/bf16 decision of docs/performance.md): only where bf16 is native (a CUDA GPU, a CPU with AMX/avx512_bf16);
-# emulated on other CPUs it runs ~14x slower than fp32, about 50 min per quick run on one core.
+# x compare.seeds — then their tables. BF16=1 adds the default variant under bf16 autocast x compare.seeds, each
+# a whole pipeline run (`make precision-seeds` trains and scores only: the fp32/bf16 table of docs/performance.md).
+# Only where bf16 is native (a CUDA GPU, a CPU with AMX/avx512_bf16): emulated it runs ~15x slower than fp32.
 RESULTS_BF16 = $(if $(filter-out 0,$(BF16)),train.precision=bf16)
 RESULTS_JOBS ?= 2
 results: venv  ## docs/results.md's runs: make compare QUICK=1 (+ BF16=1: bf16 seeds) -> reports/compare.html, reports/results_tables.md
