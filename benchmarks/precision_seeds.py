@@ -88,17 +88,18 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(runs: list[dict], summary: dict) -> str:
+    from benchmarks.results_tables import mean_std
+
     seeds = sorted({r["seed"] for r in runs})
-    loss = {(r["precision"], r["seed"]): r for r in runs}
+    by_key = {(r["precision"], r["seed"]): r for r in runs}
     lines = ["| precision | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | tokens/s (mean) |",
              "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- |"]
     for precision in PRECISIONS:
         rows = [r for r in runs if r["precision"] == precision]
         if not rows:
             continue
-        cells = [f"{loss[(precision, s)]['val_loss']:.4f}" if (precision, s) in loss else "" for s in seeds]
-        stats = summary[precision]
-        spread = f"{stats['mean']:.4f} ± {stats['std']:.4f}" if stats["std"] is not None else f"{stats['mean']:.4f}"
+        cells = [f"{by_key[(precision, s)]['val_loss']:.4f}" if (precision, s) in by_key else "" for s in seeds]
+        spread = mean_std([r["val_loss"] for r in rows], 4)
         speed = statistics.mean(r["tokens_per_sec"] for r in rows)
         lines.append(f"| {precision} | " + " | ".join(cells) + f" | {spread} | {speed:,.0f} |")
     gaps = summary["bf16_minus_fp32_by_seed"]
