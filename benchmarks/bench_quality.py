@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from attnlab.analysis.scoring import score_windows, unigram_loss, window_targets
+from attnlab.model.scoring import score_windows, unigram_loss, window_targets
 from attnlab.core.device import pick_device
 from attnlab.core.params import Params
 from attnlab.data.tokens import batch_starts, eval_starts, load_meta, load_tokens, windows

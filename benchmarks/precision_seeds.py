@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
-from attnlab.analysis.scoring import score_windows
+from attnlab.model.scoring import score_windows
 from attnlab.core.cli import run_cli
 from attnlab.core.device import pick_device
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_json
 from attnlab.core.params import Params, load_params
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
-from attnlab.training.schedule import autocast_dtype
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -57,8 +56,7 @@ def train_and_score(params: Params, tokens_dir: str, threads: int) -> dict:
     device = pick_device(params.train.device)
     val_tokens, seq_len = load_tokens(tokens_dir, "val"), params.model.seq_len
     starts = eval_starts(len(val_tokens), seq_len, params.eval.max_tokens)
-    scored = score_windows(model.to(device), val_tokens, starts, seq_len, params.eval.batch_size,
-                           autocast_dtype(params.train, device))
+    scored = score_windows(model.to(device), val_tokens, starts, seq_len, params.eval.batch_size)
     return {
         "precision": params.train.precision, "seed": params.seed, "val_loss": round(scored.loss, 6),
         "val_tokens": scored.n_tokens, "final_train_loss": round(metrics["final_train_loss"], 6),

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from attnlab.core.cli import run_cli
+from attnlab.core.io import read_json
 from attnlab.core.params import load_params
 from attnlab.data.corpus import MB, build_corpus
 
@@ -13,10 +14,12 @@ from attnlab.data.corpus import MB, build_corpus
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--sources", help="data/sources.json (the sources stage's fingerprint, kept in the manifest)")
     parser.add_argument("--out", required=True, help="output folder (train.txt, val.txt, manifest.json)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    manifest = build_corpus(params.corpus, args.out)
+    fingerprint = read_json(args.sources) if args.sources else None
+    manifest = build_corpus(params.corpus, args.out, fingerprint)
     totals = manifest["totals"]
     print(
         f"corpus: {totals['train']['files']} train + {totals['val']['files']} val files, "

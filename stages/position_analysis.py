@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     params = load_params(args.params)
     variance, probe = analyse_checkpoint(
-        args.model, args.tokens, params.probe.n_examples, params.probe.ridge, params.seed, params.train.device
+        args.model, args.tokens, params.probe.n_examples, params.probe.ridge, params.analysis.seed, params.train.device
     )
     save_figure(plot_dimension_variance(variance), args.variance_figure)
     save_figure(plot_position_probe(probe), args.probe_figure)

@@ -81,23 +81,32 @@ def run_stage(script: str, *args: str, cwd: Path, env: dict | None = None) -> su
 
 def kill_when_checkpoint_appears(cmd: list[str], checkpoint: Path, *, cwd: Path, env: dict | None = None,
                                  timeout: float = 600, poll_s: float = 0.01) -> subprocess.CompletedProcess:
-    """Run cmd until the file `checkpoint` appears, then SIGKILL it and every process it started, as a dying
-    machine would: no signal handler, no `finally`, no chance to write anything more.
+    """Run cmd until the file `checkpoint` appears (or a new one replaces a finished run's, which is never
+    resumed), then SIGKILL it and every process it started, as a dying machine would: no signal handler, no
+    `finally`, no chance to write anything more.
 
     cmd runs in a session of its own, so killing its process group takes its children with it (dvc -> the
     stage's python). Descendants that started sessions of their own (torchrun's workers) are found first and
     killed by group too. Fails unless the run was still going when the checkpoint appeared, so a returned
     result is always a run killed mid-way (returncode -9 for cmd itself)."""
     checkpoint = Path(checkpoint)
-    assert not checkpoint.exists(), f"{checkpoint} exists before the run: remove it, or the kill would come at once"
+
+    def written() -> tuple[int, int] | None:  # checkpoints are renamed into place: a new one has a new inode
+        try:
+            st = checkpoint.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    before = written()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files: a full pipe would block cmd
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
         deadline = time.monotonic() + timeout
         try:
-            while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+            while written() in (None, before) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(poll_s)
             running = proc.poll() is None
-            seen = checkpoint.exists()
+            seen = written() not in (None, before)
         finally:
             _kill_process_tree(proc.pid)
             proc.wait()

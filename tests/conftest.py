@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -166,6 +167,12 @@ class DvcProject:
 
     def dvc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run([*self.dvc_cmd, *args], check=check)
+
+    def stale_stages(self, *targets: str) -> set[str]:
+        """The stages `dvc status` reports as changed (foreach stages as name@item). The `sources` stage is
+        always_changed, so `dvc status` always names it: it counts only when something else changed in it."""
+        status = json.loads(self.dvc("status", "--json", *targets).stdout or "{}")
+        return {name for name, reasons in status.items() if reasons != ["always changed"]}
 
     @property
     def params_path(self) -> Path:

@@ -18,7 +18,7 @@ import torch
 
 from attnlab.analysis.capture import capture_attention
 from attnlab.analysis.generate import generate
-from attnlab.analysis.scoring import score_windows
+from attnlab.model.scoring import score_windows
 from attnlab.data.tokenizer import load_tokenizer
 from attnlab.model.checkpoint import load_model
 from attnlab.model.transformer import Transformer

@@ -190,6 +190,23 @@ def test_stats_are_seeded_and_reproducible(project, tmp_path):
     assert first.equals(again)
 
 
+def test_the_training_seed_leaves_the_examples_unchanged_the_analysis_seed_moves_them(project, tmp_path):
+    """Seeds vary the model, not the measurement: examples.npz depends on analysis.seed, not on `seed`."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    examples = {}
+    for name, change in (("seed", {"seed": params.get("seed", 1337) + 1}), ("analysis", {"analysis": {"seed": 5}})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**params, **change}))
+        result = run_stage("attention_stats.py", "--params", str(tmp_path / f"{name}.yaml"), *STATS_ARGS[2:6],
+                           "--out", str(tmp_path / name), "--metrics", str(tmp_path / f"{name}.json"), cwd=project)
+        assert result.returncode == 0, result.stderr
+        with np.load(tmp_path / name / "examples.npz") as data:
+            examples[name] = data["tokens"]
+    with np.load(project / "data" / "attention" / "examples.npz") as data:
+        ours = data["tokens"]
+    assert np.array_equal(examples["seed"], ours)
+    assert not np.array_equal(examples["analysis"], ours)
+
+
 def test_stats_stage_bad_input_is_one_error_line(project, tmp_path):
     result = run_stage("attention_stats.py", *STATS_ARGS[:2], "--model", str(tmp_path / "missing.pt"),
                        *STATS_ARGS[4:6], "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),

@@ -107,7 +107,7 @@ def test_identity_rows_reproduce_the_baseline(workdir, stage_run):
 
 
 def seed_of(workdir: Path) -> int:
-    return int(yaml.safe_load((workdir / "params.yaml").read_text())["seed"])
+    return int(yaml.safe_load((workdir / "params.yaml").read_text())["analysis"]["seed"])
 
 
 def test_windows_are_seeded_random_windows_from_the_whole_split(workdir):
@@ -119,6 +119,23 @@ def test_windows_are_seeded_random_windows_from_the_whole_split(workdir):
     assert not np.array_equal(np.sort(starts), first_windows)
     assert starts.max() > len(val) // 2  # reaches the second half of the split
     assert not np.array_equal(starts, intervention_starts(val, SEQ_LEN, 10 * SEQ_LEN, seed_of(workdir) + 1))
+
+
+def test_the_training_seed_leaves_the_windows_and_every_number_unchanged(workdir, stage_run, tmp_path):
+    """Seeds vary the model, not the measurement: the same model under another `seed` scores the same windows."""
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["seed"] += 1
+    other = tmp_path / "params.yaml"
+    other.write_text(yaml.safe_dump(params))
+    cmd = stage_cmd(workdir, other)
+    for flag, name in (("--metrics", "interventions.json"), ("--table", "results.parquet"),
+                       ("--figures", "figures"), ("--samples", "intervention_samples.md")):
+        cmd[cmd.index(flag) + 1] = str(tmp_path / name)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    ours = json.loads((workdir / "reports/interventions.json").read_text())
+    assert json.loads((tmp_path / "interventions.json").read_text()) == ours
+    assert (tmp_path / "intervention_samples.md").read_text() == (workdir / "reports/intervention_samples.md").read_text()
 
 
 def test_baseline_is_the_loss_on_the_seeded_val_windows(workdir, stage_run):
@@ -196,7 +213,7 @@ def test_samples_use_the_same_prompts_and_seed(workdir, stage_run):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     with explicit_attention(model):
         for i, prompt in enumerate(PROMPTS):
-            sample = generate(model, sp, prompt, 8, 0.8, 20, params["seed"] + i)
+            sample = generate(model, sp, prompt, 8, 0.8, 20, params["analysis"]["seed"] + i)
             assert f"```python\n{sample}\n```" in sections[0]
 
 

@@ -12,7 +12,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def stale_stages(project) -> set[str]:
-    return set(json.loads(project.dvc("status", "--json").stdout or "{}"))
+    return project.stale_stages()
 
 
 def assert_png(path, min_bytes=5_000):
@@ -112,6 +112,23 @@ def test_a_figure_only_param_reruns_only_that_figure(dvc_project):
     with dvc_project.params_changed({"attention": {"seq_len_filter": [8, 24]}}):
         stale = stale_stages(dvc_project)
     assert stale == {"figure_support_hist_by_head"} or stale == {"figure_support_hist_by_head", "report"}
+
+
+def test_a_memory_knob_reruns_only_the_figure_whose_picture_it_sizes(dvc_project):
+    """attention.batch_size bounds memory in attention_stats (its output does not depend on it) and picks how
+    many examples attn_weights_support draws: only that figure reruns."""
+    with dvc_project.params_changed({"attention": {"batch_size": 3}}):
+        stale = stale_stages(dvc_project)
+    assert stale == {"figure_weights_support"}
+
+
+def test_the_analysis_seed_reruns_the_measurements_and_the_training_seed_the_model(dvc_project):
+    with dvc_project.params_changed({"analysis": {"seed": 11}}):
+        stale = stale_stages(dvc_project)
+    assert stale == {"evaluate", "attention_stats", "attention_dynamics", "interventions", "position_analysis"}
+    with dvc_project.params_changed({"seed": 11}):
+        stale = stale_stages(dvc_project)
+    assert stale == {"train"}  # what follows reruns once the model changes
 
 
 def test_the_report_page_is_self_contained_and_shows_every_figure(dvc_project):

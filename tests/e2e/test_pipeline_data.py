@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -17,8 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def stale_stages(project) -> set[str]:
-    """Names of the stages `dvc status` reports as changed."""
-    return set(json.loads(project.dvc("status", "--json").stdout or "{}"))
+    return project.stale_stages()
 
 
 @pytest.mark.xdist_group("e2e")
@@ -46,9 +47,9 @@ def test_repro_ran_the_data_stages_and_wrote_sane_outputs(dvc_project):
 
 
 @pytest.mark.xdist_group("e2e")
-def test_second_repro_runs_nothing(dvc_project):
+def test_second_repro_runs_nothing_but_the_sources_fingerprint(dvc_project):
     result = dvc_project.dvc("repro")
-    assert "Running stage" not in result.stdout
+    assert re.findall(r"Running stage '([^']+)'", result.stdout) == ["sources"]
     for stage in DATA_STAGES:
         assert f"Stage '{stage}' didn't change" in result.stdout
     assert not stale_stages(dvc_project) & set(DATA_STAGES)
@@ -83,3 +84,25 @@ def test_changing_corpus_params_reruns_all_three_stages(tmp_path, tiny_corpus):
             assert f"Running stage '{stage}'" in result.stdout
         meta = json.loads((project.path / "data" / "tokens" / "meta.json").read_text())
         assert meta["val"]["files"] > 2  # about 30 % of the ~65 files now
+
+
+def test_an_edit_in_a_named_source_folder_reruns_the_corpus_and_nothing_else_does(tmp_path, tiny_corpus):
+    """The corpus's sources live outside the repo; the always-run `sources` stage makes them a tracked input."""
+    corpus = shutil.copytree(tiny_corpus, tmp_path / "corpus")
+    project = copy_project(tmp_path / "attnlab", corpus)
+    project.dvc("repro", "corpus")
+    assert not project.stale_stages("corpus")
+    untouched = project.dvc("repro", "corpus")
+    assert "Stage 'corpus' didn't change, skipping" in untouched.stdout
+    assert not project.stale_stages("corpus")
+
+    edited = corpus / "stdlib" / "bisect.py"
+    edited.write_text(edited.read_text() + "\n# an edit in the named folder\n")
+    project.dvc("repro", "sources")  # what every `dvc repro` runs first
+    assert project.stale_stages("corpus") == {"corpus"}
+    rerun = project.dvc("repro", "corpus")
+    assert "Running stage 'corpus'" in rerun.stdout
+    manifest = json.loads((project.path / "data/corpus/manifest.json").read_text())
+    fingerprint = json.loads((project.path / "data/sources.json").read_text())
+    assert manifest["sources_fingerprint"] == fingerprint
+    assert [s["root"] for s in fingerprint["sources"]] == [str(corpus.resolve())]

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 
 def changed_stages(project) -> set[str]:
-    status = json.loads(project.dvc("status", "--json").stdout or "{}")
-    return {name.split("@")[0] for name in status}
+    return {name.split("@")[0] for name in project.stale_stages()}
 
 
 @pytest.mark.parametrize(
     "module, must_rerun, must_not_rerun",
     [
         ("src/attnlab/data/tokens.py", {"evaluate", "train", "interventions", "attention_stats"}, {"report"}),
-        ("src/attnlab/analysis/scoring.py", {"evaluate", "train", "interventions"}, {"corpus", "pe_heatmap"}),
+        ("src/attnlab/model/scoring.py", {"evaluate", "train", "interventions"}, {"corpus", "tokenizer", "report"}),
+        ("src/attnlab/analysis/interventions.py", {"interventions"}, {"train", "corpus"}),
+        ("src/attnlab/report/plots_train.py", {"loss_curve", "report"}, {"train", "evaluate"}),
         ("src/attnlab/report/page.py", {"report"}, {"train", "evaluate", "corpus"}),
         ("src/attnlab/core/io.py", {"corpus", "train", "report"}, set()),
     ],

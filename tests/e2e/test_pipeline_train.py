@@ -21,7 +21,7 @@ def read_json(project, rel):
 
 def test_repro_trains_evaluates_and_reports_every_metric(dvc_project):
     p = dvc_project.path
-    for rel in ("models/model.pt", "models/checkpoints/ckpt.pt", "reports/figures/loss_curve.png",
+    for rel in ("models/model.pt", "reports/figures/loss_curve.png",
                 "reports/samples.md", "reports/train_log.tsv", "reports/val_log.tsv"):
         assert (p / rel).exists(), rel
     shown = json.loads(dvc_project.dvc("metrics", "show", "--json").stdout)
@@ -67,13 +67,12 @@ def test_branches_with_different_params_show_a_val_loss_change_in_metrics_diff(d
     finally:
         run(["git", "checkout", "-q", base])
         dvc_project.dvc("checkout", "--force")
-    assert not json.loads(dvc_project.dvc("status", "--json").stdout or "{}")
+    assert not dvc_project.stale_stages()
 
 
 def test_a_killed_train_stage_resumes_under_dvc_repro_and_matches_the_uninterrupted_run(dvc_project):
     p = dvc_project.path
     reference = read_json(dvc_project, "reports/train.json")
-    (p / "models/checkpoints/ckpt.pt").unlink()  # the finished run's checkpoint: start this one from zero
     steps = reference["steps"]
     every = max(1, round(0.1 * steps))  # train.checkpoint_every_frac = 0.1
     assert steps >= 5 * every  # the first checkpoint comes well before the end, so the kill lands mid-run
@@ -93,6 +92,32 @@ def test_a_killed_train_stage_resumes_under_dvc_repro_and_matches_the_uninterrup
         assert result[key] == pytest.approx(reference[key], abs=1e-4), key
     steps_logged = [int(line.split("\t")[0]) for line in (p / "reports/train_log.tsv").read_text().splitlines()[1:]]
     assert steps_logged == list(range(steps))
+
+
+def exp_metrics(project, name: str, path: str) -> dict:
+    table = json.loads(project.dvc("exp", "show", "--json").stdout)
+    [exp] = [e for row in table for e in (row.get("experiments") or []) if e.get("name") == name]
+    return exp["revs"][0]["data"]["metrics"][path]["data"]
+
+
+def test_a_code_edit_retrains_from_step_zero_and_never_republishes_the_old_model(dvc_project):
+    """The finished run's checkpoint is in the persistent checkpoints folder; a rerun after an edit of the
+    model's code trains anew (exp run --temp: the workspace, its checkpoint included, stays as it is)."""
+    reference = read_json(dvc_project, "reports/train.json")
+    module = dvc_project.path / "src/attnlab/model/transformer.py"
+    original = module.read_text()
+    line = "        return self.down(F.gelu(self.up(x)))  # (B, T, D)"
+    assert line in original
+    try:
+        module.write_text(original.replace(line, line.replace("F.gelu(", "F.gelu(2.0 * ")))  # changes behaviour
+        result = dvc_project.dvc("exp", "run", "--temp", "-n", "gelu-edit", "train")
+    finally:
+        module.write_text(original)
+    assert "Running stage 'train'" in result.stdout
+    edited = exp_metrics(dvc_project, "gelu-edit", "reports/train.json")
+    assert edited["resumed_from_step"] == 0 and edited["tokens_per_sec"] > 0
+    assert edited["final_train_loss"] != reference["final_train_loss"]  # another model, not the old one again
+    assert not dvc_project.stale_stages()
 
 
 def test_loss_by_position_agrees_with_val_loss_and_reaches_twice_the_trained_length(dvc_project):

@@ -3,11 +3,13 @@
 import json
 import math
 import re
+import shutil
 
 import pandas as pd
 import pytest
 import torch
 from builders import (
+    PROJECT,
     TINY_TRAIN_PARAMS,
     kill_when_checkpoint_appears,
     run_stage,
@@ -58,7 +60,7 @@ def test_precision_auto_is_bf16_only_where_bf16_is_native():
         assert autocast_dtype(bf16, device, native=False) is torch.bfloat16
     assert cpu_flags_have_bf16("fpu avx2 avx512f avx512_bf16".split())
     assert cpu_flags_have_bf16("fpu avx2 amx_tile amx_bf16".split())
-    assert not cpu_flags_have_bf16("fpu avx2 avx512f avx512_vnni".split())  # AMD EPYC of 2026-11-30: emulated
+    assert not cpu_flags_have_bf16("fpu avx2 avx512f avx512_vnni".split())  # no bf16 instructions: emulated
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -141,8 +143,44 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path, token_dir):
     _train_killed(tmp_path, "run")
     other, out = _train(tmp_path, "run", extra={"train": {"lr": 0.002}})
     assert other.returncode == 0, other.stderr
-    assert "from other params or data; starting fresh" in other.stderr
+    assert "from other params, data, precision or code; starting fresh" in other.stderr
     assert json.loads((out / "train.json").read_text())["resumed_from_step"] == 0
+
+
+def test_a_finished_run_is_never_resumed_a_rerun_trains_from_step_zero(tmp_path, token_dir):
+    first, out = _train(tmp_path, "run")
+    assert first.returncode == 0, first.stderr
+    before = _loss_metrics(out)
+    again, out = _train(tmp_path, "run")  # the stage reruns because something it depends on changed
+    assert again.returncode == 0, again.stderr
+    assert "is of a finished run; training again from step 0" in again.stderr
+    metrics = json.loads((out / "train.json").read_text())
+    assert metrics["resumed_from_step"] == 0 and metrics["tokens_per_sec"] > 0
+    assert _loss_metrics(out) == before  # the same params and code: the same run again
+
+
+def test_an_interrupted_run_whose_code_changed_starts_fresh(tmp_path, token_dir):
+    """The fingerprint covers the source the train stage runs: a killed run resumes only under the same code."""
+    src = tmp_path / "src"
+    shutil.copytree(PROJECT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    env = stage_env({"PYTHONPATH": str(src)})
+    cmd = stage_command("train.py", *_train_args(tmp_path, "run"))
+    killed = kill_when_checkpoint_appears(cmd, tmp_path / "run" / "checkpoints" / "ckpt.pt", cwd=tmp_path, env=env)
+    assert killed.returncode == -9, killed.stderr
+    module = src / "attnlab/model/transformer.py"
+    module.write_text(module.read_text() + "# a one-line edit\n")
+    resumed = run_stage("train.py", *_train_args(tmp_path, "run"), cwd=tmp_path, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting fresh" in resumed.stderr and "resuming" not in resumed.stderr
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["resumed_from_step"] == 0
+
+
+def test_train_json_names_the_resolved_precision_and_the_fp32_validation(tmp_path, token_dir):
+    result, out = _train(tmp_path, "run", extra={"train": {"precision": "auto"}})
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "train.json").read_text())
+    assert metrics["precision"] in ("fp32", "bf16") and metrics["val_precision"] == "fp32"
+    assert ("(bf16 autocast)" if metrics["precision"] == "bf16" else "(fp32)") in result.stderr  # said at the start
 
 
 def test_a_non_finite_loss_stops_with_a_message_naming_the_step(tmp_path, token_dir):

@@ -30,9 +30,6 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
         out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
         return int(out.stdout.strip())
 
-    default, kept = page_faults("default"), page_faults("keep")
-    # With the setting, no 16 MB buffer (4,096 pages of 4 KB) is faulted in again over the 10 steps. glibc's own
-    # dynamic thresholds re-fault them on some runs (16k-160k faults measured) and not on others (0), so the
-    # default is only the upper bound, not a number to beat by a margin.
-    assert kept < 4096
-    assert kept <= default
+    # With the setting, no 16 MB buffer (4,096 pages of 4 KB) is faulted in again over the 10 steps. Without it,
+    # glibc's dynamic thresholds re-fault them on some runs and not on others, so the default is no reference.
+    assert page_faults("keep") < 4096

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.analysis.scoring import score_windows
+from attnlab.model.scoring import score_windows
 from attnlab.data.tokens import eval_starts
 from attnlab.model.transformer import longer_context
 from builders import tiny_model

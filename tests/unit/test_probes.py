@@ -169,7 +169,7 @@ def write_inputs(tmp_path: Path, n_examples: int) -> Path:
     tokens.mkdir(parents=True)
     np.random.default_rng(8).integers(0, 50, size=3000).astype(np.uint16).tofile(tokens / "val.bin")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"seed": 3, "model": {"seq_len": 64, "d_model": 32},
+    params.write_text(yaml.safe_dump({"analysis": {"seed": 3}, "model": {"seq_len": 64, "d_model": 32},
                                       "attention": {"seq_len_filter": [4, 8]},
                                       "probe": {"n_examples": n_examples, "ridge": 1.0}}))
     return params

@@ -150,14 +150,31 @@ def test_dvc_yaml_has_each_figure_as_an_out_of_its_stage_and_a_dep_of_report(fig
         assert drawn == list(figure.params), f"{figure.name}: params of {expected} in dvc.yaml"
 
 
-def test_dvc_yaml_figure_foreach_is_the_param_free_figures_of_stages_figure_py():
+def test_dvc_yaml_figure_foreach_is_the_param_free_figures_of_the_statistics_alone():
     foreach = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][registry.FIGURE_STAGE]["foreach"]
-    expected = [f.name for f in registry.figure_stage_figures() if not f.params]
+    expected = [f.name for f in registry.figure_stage_figures() if not f.params and f.reads == "stats"]
     assert foreach == expected, (
         f"figure foreach in dvc.yaml: missing {sorted(set(expected) - set(foreach))}, "
-        f"not param-free figures of the registry {sorted(set(foreach) - set(expected))}"
+        f"not param-free figures of stats.parquet in the registry {sorted(set(foreach) - set(expected))}"
     )
-    assert all(f.stage == registry.FIGURE_STAGE for f in registry.figure_stage_figures() if not f.params)
+    assert all(f.stage == registry.FIGURE_STAGE for f in registry.figure_stage_figures() if f.name in expected)
+
+
+# What each kind of figure input is on disk (registry Figure.reads), for the figure stages' deps.
+READS_FILES = {
+    "stats": {"data/attention/stats.parquet"},
+    "mean_patterns": {"data/attention/mean_patterns.npy"},
+    "dynamics": {"data/attention/dynamics.parquet"},
+    "model": {"data/attention/stats.parquet", "data/attention/examples.npz", "models/model.pt", "data/tokenizer"},
+}
+
+
+@pytest.mark.parametrize("figure", registry.figure_stage_figures(), ids=lambda f: f.name)
+def test_each_figure_stage_depends_on_exactly_the_files_its_figure_reads(figure):
+    stages = dvc_stages()
+    name = f"{registry.FIGURE_STAGE}@{figure.name}" if figure.stage == registry.FIGURE_STAGE else figure.stage
+    data_deps = {d for d in paths(stages[name]["deps"]) if not d.startswith(("src/", "stages/"))}
+    assert data_deps == READS_FILES[figure.reads], f"{name}: its deps in dvc.yaml against what {figure.name} reads"
 
 
 def test_report_stage_deps_are_the_registry_metrics_and_samples():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab.analysis.scoring import score_windows, unigram_loss, window_targets
+from attnlab.model.scoring import score_windows, unigram_loss, window_targets
 from attnlab.core.params import ModelConfig, TrainConfig
 from attnlab.data.tokens import eval_starts
 from attnlab.model.transformer import Transformer

@@ -78,3 +78,51 @@ def test_the_config_cli_is_where_users_expect_it():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "n_params" in proc.stdout
+
+
+def expanded_stages() -> dict[str, dict]:
+    """Every stage of dvc.yaml, a foreach stage once per item (name@item), as dvc runs them."""
+    stages = {}
+    for name, stage in stage_definitions().items():
+        if "foreach" not in stage:
+            stages[name] = stage
+            continue
+        for item in stage["foreach"]:
+            stages[f"{name}@{item}"] = yaml.safe_load(yaml.safe_dump(stage["do"]).replace("${item}", str(item)))
+    return stages
+
+
+def _paths(entries) -> set[str]:
+    return {e if isinstance(e, str) else next(iter(e)) for e in entries or []}
+
+
+def data_paths_problems(stage: dict) -> list[str]:
+    """What a stage's data deps and its command disagree on: a dep the command never names (directly or as a
+    folder holding it), or a project path the command reads that is not a dep."""
+    args = [w for w in stage["cmd"].split()[2:] if not w.startswith("-")]
+    named = [w for w in args if "/" in w]  # project paths the command reads or writes
+    outs = _paths(stage.get("outs")) | _paths(stage.get("metrics")) | _paths(stage.get("plots"))
+    deps = {d for d in _paths(stage["deps"]) if not d.startswith(("src/", "stages/"))}
+    # a dep is read when the cmd names it, a folder holding it (--reports reports), or a file in it
+    problems = [f"dep {d} is not named in the cmd" for d in sorted(deps)
+                if not any(d == w or d.startswith(w + "/") or w.startswith(d + "/") for w in args)]
+    for w in named:
+        if w in outs or any(o.startswith(w.rstrip("/") + "/") for o in outs):
+            continue  # an output (or the folder of outputs)
+        if not any(d == w or d.startswith(w.rstrip("/") + "/") or w.startswith(d + "/") for d in deps):
+            problems.append(f"the cmd reads {w}, which is not a dep")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(expanded_stages()))
+def test_each_stage_depends_on_the_data_its_command_names_and_no_other(name):
+    problems = data_paths_problems(expanded_stages()[name])
+    assert not problems, f"stage {name}: " + "; ".join(problems)
+
+
+def test_the_data_deps_check_catches_a_dep_the_command_does_not_read():
+    stage = {"cmd": "python stages/x.py --in data/a --out reports/x.json", "deps": ["stages/x.py", "data/a", "data/b"],
+             "outs": ["reports/x.json"]}
+    assert data_paths_problems(stage) == ["dep data/b is not named in the cmd"]
+    stage["deps"] = ["stages/x.py"]
+    assert data_paths_problems(stage) == ["the cmd reads data/a, which is not a dep"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnlab.analysis.generate import generate, prompt_seed
-from attnlab.analysis.scoring import Score, score_windows, unigram_loss, window_targets
+from attnlab.model.scoring import Score, score_windows, unigram_loss, window_targets
 from attnlab.core.device import pick_device
 from attnlab.core.params import Params
 from attnlab.data.tokenizer import load_tokenizer
@@ -86,10 +86,10 @@ def samples_markdown(model, processor, params: Params, title: str = "Samples") -
     cfg = params.eval
     lines = [f"# {title}", "",
              f"{cfg.sample_tokens} tokens per prompt, temperature {cfg.sample_temperature}, "
-             f"top-k {cfg.sample_top_k or 'off'}; prompt i is sampled with seed {params.seed} + i.", ""]
+             f"top-k {cfg.sample_top_k or 'off'}; prompt i is sampled with seed {params.analysis.seed} + i.", ""]
     for i, prompt in enumerate(cfg.prompts):
         text = generate(model, processor, prompt, cfg.sample_tokens, cfg.sample_temperature, cfg.sample_top_k,
-                        seed=prompt_seed(params.seed, i))
+                        seed=prompt_seed(params.analysis.seed, i))
         lines += [f"## Prompt {i + 1}: `{prompt.strip() or repr(prompt)}`", "", "```python", text.rstrip("\n"),
                   "```", ""]
     return "\n".join(lines)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from attnlab.analysis.capture import capture_attention, capture_points, edit_point, explicit_attention
 from attnlab.analysis.generate import generate, prompt_seed
-from attnlab.analysis.scoring import Batch, iter_batches, score_batches
+from attnlab.model.scoring import Batch, iter_batches, score_batches
 from attnlab.core.errors import ConfigError
 from attnlab.core.params import Params
 from attnlab.data.tokens import example_starts
@@ -362,8 +362,8 @@ def run_interventions(
             str(tokenizer_path), f"has {sp.get_piece_size()} pieces, more than the model's vocabulary {model.vocab_size}"
         )
 
-    val_starts = intervention_starts(val, T, cfg.n_eval_tokens, params.seed)
-    mean_starts = intervention_starts(train, T, cfg.mean_tokens, params.seed)
+    val_starts = intervention_starts(val, T, cfg.n_eval_tokens, params.analysis.seed)
+    mean_starts = intervention_starts(train, T, cfg.mean_tokens, params.analysis.seed)
     val_batches = make_batches(val, val_starts, T, cfg.batch_size, dev)
     mean_batches = make_batches(train, mean_starts, T, cfg.batch_size, dev)
     for split, batches in (("val", val_batches), ("train", mean_batches)):
@@ -395,7 +395,7 @@ def samples_markdown(model: Transformer, sp, params: Params, table: pd.DataFrame
         "# Generated samples under attention interventions",
         "",
         f"Each variant continues the same prompts with the same seeds as samples.md (prompt i: seed "
-        f"{params.seed} + i): {n_tokens} tokens, "
+        f"{params.analysis.seed} + i): {n_tokens} tokens, "
         f"sampling temperature {ev.sample_temperature}, top-k {ev.sample_top_k or 'off'}. "
         "The interventions change the model's attention, not the sampler.",
         "",
@@ -406,7 +406,7 @@ def samples_markdown(model: Transformer, sp, params: Params, table: pd.DataFrame
         with explicit_attention(model), intervene(model, edits):
             for i, prompt in enumerate(ev.prompts):
                 text = generate(model, sp, prompt, n_tokens, ev.sample_temperature, ev.sample_top_k,
-                                prompt_seed(params.seed, i))
+                                prompt_seed(params.analysis.seed, i))
                 fence = "`" * max([3] + [len(run) + 1 for run in re.findall("`+", text)])  # outlasts any ``` in text
                 lines += [f"Prompt {i + 1}: `{prompt!r}`", "", f"{fence}python", text, fence, ""]
     return "\n".join(lines)

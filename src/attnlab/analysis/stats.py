@@ -300,7 +300,7 @@ def stage_examples(
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """The examples the attention stages analyse, per split: start offsets (N,) and token ids (N, T) int64, with
     N = attention.n_examples and T the model's seq_len. ConfigError if a split is too short or holds token ids
-    beyond the model's vocabulary. Each split's examples depend on that split and params.seed only."""
+    beyond the model's vocabulary. Each split's examples depend on that split and params.analysis.seed only."""
     T = model.cfg.seq_len
     tokens = {split: load_tokens(tokens_dir, split) for split in splits}
     for split, toks in tokens.items():
@@ -313,7 +313,8 @@ def stage_examples(
             )
     starts, examples = {}, {}
     for split in splits:
-        starts[split], examples[split] = select_examples(tokens[split], T, params.attention.n_examples, params.seed)
+        starts[split], examples[split] = select_examples(tokens[split], T, params.attention.n_examples,
+                                                         params.analysis.seed)
     return starts, examples
 
 

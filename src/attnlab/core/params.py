@@ -194,6 +194,16 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    # Seeds every sample the analyses draw (attention examples, intervention windows, probe examples, generated
+    # text): its own seed, so experiments that differ only in `seed` are measured on the same tokens.
+    seed: int = 0
+
+    def validate(self) -> None:
+        _non_negative("analysis.seed", self.seed)
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     n_examples: int = 64  # sequences of seq_len tokens analysed per split
     batch_size: int = 8  # sequences per forward pass (bounds memory)
@@ -282,6 +292,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -107,6 +107,25 @@ def python_files(root: Path) -> list[str]:
     return sorted(found)
 
 
+def sources_fingerprint(cfg: CorpusConfig) -> dict:
+    """What the corpus stage would read, cheaply: per source its root, the number of .py files and a hash of
+    their relative paths, sizes and modification times (no file is read); the torch and Python versions.
+
+    The `sources` stage writes it on every `dvc repro` (it is always_changed) and `corpus` depends on the file,
+    so an edit in a named folder, an upgraded torch or another Python reruns the corpus, and nothing else does.
+    """
+    entries = []
+    for source in resolve_sources(cfg):
+        digest = hashlib.sha256()
+        files = python_files(source.root)
+        for rel in files:
+            st = (source.root / rel).stat(follow_symlinks=False)
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+        entries.append({"name": source.name, "root": str(source.root), "py_files": len(files),
+                        "digest": digest.hexdigest()})
+    return {"packages": package_versions(), "sources": entries}
+
+
 # ------------------------------------------------------------------------------------------------ gathering
 
 
@@ -192,8 +211,9 @@ def assign_splits(files: list[CorpusFile], val_fraction: float) -> list[CorpusFi
 # ------------------------------------------------------------------------------------------------ the stage
 
 
-def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
-    """Gather, split and write the corpus folder atomically. Returns the manifest."""
+def build_corpus(cfg: CorpusConfig, out_dir: str | Path, fingerprint: dict | None = None) -> dict:
+    """Gather, split and write the corpus folder atomically. Returns the manifest, which keeps the sources'
+    fingerprint (see `sources_fingerprint`) the corpus was built from, when given."""
     start = time.perf_counter()
     sources = resolve_sources(cfg)
     taken, skipped = gather(sources, cfg.max_mb, cfg.max_file_kb)
@@ -208,6 +228,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict:
     manifest = {
         "sources": [{"name": s.name, "root": str(s.root)} for s in sources],
         "packages": package_versions(),
+        "sources_fingerprint": fingerprint,
         "max_mb": cfg.max_mb,
         "val_fraction": cfg.val_fraction,
         "max_file_kb": cfg.max_file_kb,

@@ -1,3 +1,4 @@
 """Model: the transformer written from scratch (attention with named hook points, MLP, blocks), its
-positional encodings, and the model file format. A new PE variant goes in positional.py.
+positional encodings, the model file format and weight snapshots, and the one function that scores a model on
+tokens (with the unigram baseline), shared by training and analysis. A new PE variant goes in positional.py.
 """

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 SECTIONS = ("Training", "Attention", "Interventions", "Positional encoding")  # the page's order
-FIGURE_STAGE = "figure"  # dvc.yaml's foreach stage (figure@<name>) for figures of stages/figure.py without params
+FIGURE_STAGE = "figure"  # dvc.yaml's foreach stage (figure@<name>): figures of stages/figure.py of stats.parquet alone
 READS = ("stats", "mean_patterns", "model", "dynamics")  # what stages/figure.py loads for a figure (see figures.py)
 
 
@@ -104,14 +104,14 @@ FIGURES: tuple[Figure, ...] = (
         "attn_mean_patterns.png",
         "Mean attention by query position and key offset: a bright column at offset 1 is a previous-token head, "
         "a bright diagonal attends to the first token.",
-        "mean_patterns", reads="mean_patterns",
+        "mean_patterns", reads="mean_patterns", stage="figure_mean_patterns",
     ),
     _attention(
         "attn_support_over_training.png",
         "Each head's mean normalized support on the validation examples at initialization and every validation point of training, "
         "against tokens seen: when heads sharpen (falling lines) or spread out, and whether they settle before "
         "training ends.",
-        "support_over_training", reads="dynamics",
+        "support_over_training", reads="dynamics", stage="figure_support_over_training",
     ),
     Figure(
         "attn_tokens.html", "Attention",

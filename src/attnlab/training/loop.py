@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from attnlab.analysis.scoring import autocast, score_windows, unigram_loss, window_targets
+from attnlab.model.scoring import score_windows, unigram_loss, window_targets
 from attnlab.core.device import keep_freed_memory, pick_device
 from attnlab.core.errors import AttnlabError, ConfigError
 from attnlab.core.io import write_json
@@ -34,7 +34,8 @@ from attnlab.model.transformer import Transformer, flops_per_token, lm_loss
 from attnlab.training.checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from attnlab.training.distributed import Dist, check_world, dist_from_env
 from attnlab.training.monitor import LOG_COLUMNS, VAL_COLUMNS, LearningWatch, append_log, warn_if_long, write_log
-from attnlab.training.schedule import Budget, autocast_dtype, lr_at, make_budget, make_optimizer
+from attnlab.training.schedule import (Budget, autocast, autocast_dtype, lr_at, make_budget, make_optimizer,
+                                      precision_name)
 from attnlab.model.snapshots import prune_snapshots, save_snapshot
 
 
@@ -153,13 +154,15 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
         torch.backends.cudnn.allow_tf32 = True
 
     budget = make_budget(params, vocab_size)
+    amp = autocast_dtype(cfg, device)
     torch.manual_seed(params.seed)
     model = Transformer(params.model, vocab_size).to(device)
     val_starts = eval_starts(len(val_tokens), params.model.seq_len, cfg.eval_tokens)
     unigram = unigram_loss(train_tokens, window_targets(val_tokens, val_starts, params.model.seq_len), vocab_size)
     run = Run(
-        params=params, paths=paths, world=world, device=device, amp=autocast_dtype(cfg, device), budget=budget,
-        fingerprint=fingerprint(params, vocab_size, meta), meta=meta, train_tokens=train_tokens,
+        params=params, paths=paths, world=world, device=device, amp=amp, budget=budget,
+        fingerprint=fingerprint(params, vocab_size, paths.tokens, precision_name(amp)), meta=meta,
+        train_tokens=train_tokens,
         val_tokens=val_tokens, val_starts=val_starts, model=model, train_model=model,
         optimizer=make_optimizer(model, cfg, device), watch=LearningWatch(unigram, budget.steps),
     )
@@ -180,8 +183,9 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
 
 
 def resume(run: Run) -> None:
-    """Loads a checkpoint of the same fingerprint, if any, and cuts the step log and the snapshots back to it."""
-    state = load_checkpoint(run.ckpt_path, run.fingerprint, run.log)
+    """Loads the checkpoint of an unfinished run of the same fingerprint, if any, and cuts the step log and the
+    snapshots back to it; a fresh run removes every snapshot of an earlier run."""
+    state = load_checkpoint(run.ckpt_path, run.fingerprint, run.budget.steps, run.log)
     if state is not None:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
@@ -190,7 +194,8 @@ def resume(run: Run) -> None:
         run.log(f"resuming from checkpoint at step {run.start_step:,}/{run.budget.steps:,}")
     if run.world.is_main:
         write_log(run.paths.log, LOG_COLUMNS, run.rows)  # cut back to the checkpoint: no step appears twice
-        prune_snapshots(run.paths.snapshots, run.start_step, run.fingerprint)  # later or stale ones: all when fresh
+        keep_up_to = run.start_step if state is not None else -1  # a fresh run keeps none, not even step 0
+        prune_snapshots(run.paths.snapshots, keep_up_to, run.fingerprint)
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -263,13 +268,13 @@ def time_for_checkpoint(run: Run) -> bool:
 
 
 def validate(run: Run, done: int) -> None:
-    """Validation loss on the periodic windows (rank 0), logged against the unigram baseline; a weight snapshot."""
+    """Validation loss on the periodic windows (rank 0, in fp32 as every reported loss), logged against the
+    unigram baseline; a weight snapshot."""
     if not run.world.is_main:
         return
     start = time.time()
     per_rank = run.params.train.batch_size // run.world.world_size
-    loss = score_windows(run.model, run.val_tokens, run.val_starts, run.params.model.seq_len, per_rank,
-                         run.amp).loss
+    loss = score_windows(run.model, run.val_tokens, run.val_starts, run.params.model.seq_len, per_rank).loss
     run.val_rows.append([done, done * run.budget.tokens_per_step, loss])
     run.log(f"step {done:,}: val loss {loss:.4f} (unigram baseline {run.watch.unigram:.4f})")
     run.watch.check(done, loss, run.log)
@@ -294,7 +299,8 @@ def finish(run: Run, elapsed: float) -> dict:
     tokens_per_sec = trained_tokens / train_seconds if trained_tokens else 0.0
     metrics = {
         "device": str(run.device.type),
-        "precision": "bf16" if run.amp else "fp32",
+        "precision": precision_name(run.amp),
+        "val_precision": "fp32",  # validation scores in fp32 whatever the training precision (model.scoring)
         "world_size": run.world.world_size,
         "n_params": budget.n_params,
         "train_tokens": budget.total_tokens,

@@ -4,6 +4,7 @@ decay chosen by parameter name, and the autocast precision."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,18 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device, native: bool | None =
     if device.type not in ("cuda", "cpu"):
         return None
     return torch.bfloat16 if (native_bf16(device) if native is None else native) else None
+
+
+def precision_name(amp: torch.dtype | None) -> str:
+    """What train.json and the checkpoint fingerprint call the resolved precision."""
+    return "fp32" if amp is None else str(amp).removeprefix("torch.").replace("bfloat16", "bf16")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 (or other) autocast on the device, or nothing for plain fp32."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)

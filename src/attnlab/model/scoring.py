@@ -1,7 +1,8 @@
 """The one way a model is scored on tokens: mean next-token cross-entropy over windows, and its baseline.
 
 Every reported loss goes through :func:`score_batches`: the train stage's periodic validation, `evaluate`,
-the interventions (baseline and every sweep point), ``Lab.loss`` and the bench's quality reference. Which
+the interventions (baseline and every sweep point), ``Lab.loss`` and the bench's quality reference. It always
+scores in fp32, whatever precision the model was trained in, so every loss the lab reports is comparable. Which
 windows are scored is chosen by the caller with :mod:`attnlab.data` (``eval_starts`` for evaluate and the
 train stage, ``example_starts`` for the analyses), so two numbers that score different tokens can say so
 (``Score.n_tokens``).
@@ -14,7 +15,6 @@ Shapes: B batch, T sequence, V vocabulary, N tokens.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -36,13 +36,6 @@ class Score:
     position_tokens: tuple[int, ...] = ()  # targets scored at each position
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 (or other) autocast on the device, or nothing for plain fp32."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def iter_batches(tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int,
                  device: torch.device | str) -> Iterator[Batch]:
     """Batches of windows starting at `starts`, in order, moved to the device."""
@@ -53,7 +46,7 @@ def iter_batches(tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_siz
 
 @torch.no_grad()
 def score_batches(
-    model: torch.nn.Module, batches: Iterable[Batch], amp: torch.dtype | None = None,
+    model: torch.nn.Module, batches: Iterable[Batch],
     after_forward: Callable[[], None] | None = None, progress: bool = False, total: int | None = None,
 ) -> Score:
     """Mean next-token loss of the model over the batches (model in eval mode). `after_forward` runs after each
@@ -63,8 +56,7 @@ def score_batches(
     position_sum: torch.Tensor | None = None  # (T,) float64 loss summed over windows
     position_count: torch.Tensor | None = None  # (T,) windows that reach each position
     for inputs, targets in tqdm(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False):
-        with autocast(device, amp):
-            logits = model(inputs)  # (B, T, V)
+        logits = model(inputs)  # (B, T, V)
         losses = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
         T = targets.shape[1]
         if position_sum is None:
@@ -84,12 +76,12 @@ def score_batches(
 
 def score_windows(
     model: torch.nn.Module, tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int,
-    amp: torch.dtype | None = None, progress: bool = False,
+    progress: bool = False,
 ) -> Score:
     """score_batches over the windows of `tokens` that start at `starts` (each seq_len + 1 tokens long)."""
     device = next(model.parameters()).device
     batches = iter_batches(tokens, starts, seq_len, batch_size, device)
-    return score_batches(model, batches, amp, progress=progress, total=-(-len(starts) // batch_size))
+    return score_batches(model, batches, progress=progress, total=-(-len(starts) // batch_size))
 
 
 def window_targets(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
