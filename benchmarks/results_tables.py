@@ -25,7 +25,10 @@ from pathlib import Path
 import pandas as pd
 
 from attnlab.core.io import write_text
-from attnlab.report.compare import Selection, load_experiments, markdown_table, metric_value, read_rows, summarize
+from attnlab.report.compare.experiments import load_experiments, metric_value, read_rows
+from attnlab.report.compare.grid import Selection
+from attnlab.report.compare.render import markdown_table
+from attnlab.report.compare.stats import summarize
 
 INTERVENTIONS = "reports/interventions.json"
 DYNAMICS = "reports/attention_dynamics.json"

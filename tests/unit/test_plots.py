@@ -300,25 +300,3 @@ def test_build_figure_checks_the_seq_len_filter_against_the_stats(tmp_path, monk
         figures.build_figure("attn_support_hist_by_block_head_w_seq_len_filter.png", params, tmp_path)
     with pytest.raises(ConfigError, match="expected one of"):
         figures.build_figure("loss_curve.png", params, tmp_path)  # in the registry, but drawn by its own stage (stages/loss_curve.py)
-
-
-def test_compare_figure_shows_the_loss_at_twice_the_trained_length_where_it_exists():
-    """make compare: a red marker per variant at val_loss_at_2x_seq_len (mean over seeds); none for learned."""
-    import pandas as pd
-
-    from attnlab.report.compare import METRICS, plot, summarize
-
-    rows = []
-    for pe, at_2x in (("rope", 3.5), ("learned", float("nan"))):
-        for seed in (1, 2):
-            row = {"name": f"{pe}-{seed}", "rev": "abc", "created": "", "state": "success",
-                   "params.model.pe": pe, "params.seed": seed}
-            row.update({m: 1.0 for m in METRICS})
-            row.update(val_loss=3.0 + 0.1 * seed, val_loss_at_2x_seq_len=at_2x + 0.2 * seed)
-            rows.append(row)
-    summary, keys = summarize(pd.DataFrame(rows))
-    assert summary.set_index("variant")["val_loss_at_2x_seq_len_mean"].to_dict()["rope"] == pytest.approx(3.8)
-    fig = plot(summary, pd.DataFrame(rows), keys)
-    (markers,) = [line for line in fig.axes[0].lines if line.get_marker() == "D"]
-    ys = dict(zip([t.get_text() for t in fig.axes[0].get_xticklabels()], markers.get_ydata()))
-    assert ys["rope"] == pytest.approx(3.8) and np.isnan(ys["learned"])
