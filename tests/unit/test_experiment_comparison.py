@@ -185,6 +185,17 @@ def test_make_renders_exactly_the_grids_it_queues():
         assert all(grid[-1] == "seed=1,2" for grid in args.grid)
 
 
+def test_make_results_runs_the_tables_module_on_the_compare_grids():
+    proc = subprocess.run(["make", "-n", "results", "COMPARE_SEEDS=1,2"], cwd=ROOT, check=False, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines()]
+    (tables,) = [words for words in lines if words[1:3] == ["-m", "attnlab.report.compare.results_tables"]]
+    grids = [tables[i + 1 : i + 3] for i, word in enumerate(tables) if word == "--grid"]
+    assert grids == [["model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex", "seed=1,2"],
+                     ["model.qkv_nonlinear_heads=[all]", "seed=1,2"]]
+
+
 # ---------------------------------------------------------------------------------------- statistics, output
 
 
