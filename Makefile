@@ -84,7 +84,7 @@ RESULTS_JOBS ?= 2
 results: venv  ## docs/results.md's runs: make compare QUICK=1 (+ BF16=1: bf16 seeds) -> reports/compare.html, reports/results_tables.md
 	$(if $(RESULTS_BF16),dvc exp run --queue $(QUICK_PARAMS) -S '$(RESULTS_BF16)' -S seed=$(COMPARE_SEEDS))
 	$(MAKE) compare QUICK=1 JOBS=$(RESULTS_JOBS)
-	$(BIN)/python -m benchmarks.results_tables $(QUICK_PARAMS) --grid '$(COMPARE_PE)' seed=$(COMPARE_SEEDS) \
+	$(BIN)/python -m attnlab.report.compare.results_tables $(QUICK_PARAMS) --grid '$(COMPARE_PE)' seed=$(COMPARE_SEEDS) \
 		--grid '$(COMPARE_QKV)' seed=$(COMPARE_SEEDS) $(if $(RESULTS_BF16),--grid '$(RESULTS_BF16)' seed=$(COMPARE_SEEDS)) \
 		--out reports/results_tables.md
 

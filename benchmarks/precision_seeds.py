@@ -86,7 +86,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(runs: list[dict], summary: dict) -> str:
-    from benchmarks.results_tables import mean_std
+    from attnlab.report.compare.render import mean_std_text as mean_std
 
     seeds = sorted({r["seed"] for r in runs})
     by_key = {(r["precision"], r["seed"]): r for r in runs}

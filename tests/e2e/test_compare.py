@@ -1,5 +1,6 @@
 """attnlab.report.compare against a real tiny DVC repository built here: DVC queues and runs a real grid
 (`dvc exp run --queue -S 'x=1,2' -S 'seed=1,2'`, then `--run-all`), the renderer reads dvc.api.exp_show().
+tests/unit/test_experiment_comparison.py holds the tests that need no DVC run.
 
 The toy repo has one stage, a few lines of Python writing our three metrics files from params.yaml, so every
 experiment's metrics are known in closed form. Besides the grid's four experiments the queue holds two that
@@ -8,26 +9,24 @@ the page must not count: one without the profile (other params) and one duplicat
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from attnlab.core.errors import ConfigError
-from attnlab.report.compare import (
-    MARKDOWN_METRICS, Selection, build_parser, grid_values, markdown_table, read_rows, render,
-)
+from attnlab.report.compare.experiments import read_rows
+from attnlab.report.compare.grid import Selection
+from attnlab.report.compare.render import render
 
-ROOT = Path(__file__).resolve().parents[2]
-while not (ROOT / "Makefile").exists() and ROOT != ROOT.parent:  # tests/ or tests/e2e/
-    ROOT = ROOT.parent
+# One worker builds the toy repository (a module fixture) and runs every test of this file on it.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("compare")]
 
 METRICS_SCRIPT = """\
 import json, pathlib, yaml
@@ -118,7 +117,6 @@ def selection(repo: Path, grids=(GRID,), profile=PROFILE) -> Selection:
     return Selection(repo / "params.yaml", profile, grids)
 
 
-@pytest.mark.slow
 def test_renders_the_grid_dvc_ran_with_mean_and_std_over_seeds(toy_repo, tmp_path):
     rows = json.loads((toy_repo / "exp_show.json").read_text())
     assert len([r for r in rows if r["typ"] != "baseline"]) == 6  # DVC ran all six queued experiments
@@ -136,13 +134,12 @@ def test_renders_the_grid_dvc_ran_with_mean_and_std_over_seeds(toy_repo, tmp_pat
             assert group[f"{metric}_mean"] == pytest.approx(statistics.mean(values)), metric
             assert group[f"{metric}_std"] == pytest.approx(statistics.stdev(values)), metric
     assert summary.loc[0, "val_loss_std"] == pytest.approx(0.3 / math.sqrt(2))
-    assert figure.read_bytes().startswith(b"\x89PNG")
     page = out.read_text()
-    assert "1.2500 \u00b1 0.2121" in page and "data:image/png;base64," in page
+    assert f"data:image/png;base64,{base64.b64encode(figure.read_bytes()).decode()}" in page  # the figure, embedded
+    assert "1.2500 \u00b1 0.2121" in page
     assert "1 duplicate(s) with identical params left out" in page
 
 
-@pytest.mark.slow
 def test_cli_renders_a_saved_table_and_escapes_html(toy_repo, tmp_path):
     rows = json.loads((toy_repo / "exp_show.json").read_text())
     experiment = next(r for r in rows if r["typ"] != "baseline" and r["x"] == 1 and r["seed"] == 2)
@@ -164,10 +161,9 @@ def test_cli_renders_a_saved_table_and_escapes_html(toy_repo, tmp_path):
     page = out.read_text()
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;" in page
     assert "<script>" not in page
-    assert figure.read_bytes().startswith(b"\x89PNG")
+    assert f"data:image/png;base64,{base64.b64encode(figure.read_bytes()).decode()}" in page
 
 
-@pytest.mark.slow
 def test_failed_experiments_are_listed_but_not_counted(toy_repo, tmp_path):
     rows = json.loads((toy_repo / "exp_show.json").read_text())
     for row in rows:  # as exp_show reports a failed run: State Failed, metrics "!"
@@ -181,7 +177,6 @@ def test_failed_experiments_are_listed_but_not_counted(toy_repo, tmp_path):
     assert math.isnan(group["val_loss_std"])
 
 
-@pytest.mark.slow
 def test_without_grid_every_experiment_of_head_is_shown(toy_repo, tmp_path):
     rows = json.loads((toy_repo / "exp_show.json").read_text())
     table, summary = render(rows, Selection(toy_repo / "params.yaml"), tmp_path / "c.html", tmp_path / "c.png")
@@ -190,7 +185,6 @@ def test_without_grid_every_experiment_of_head_is_shown(toy_repo, tmp_path):
     assert len(summary) == 3
 
 
-@pytest.mark.slow
 def test_clear_errors(toy_repo, tmp_path):
     rows = json.loads((toy_repo / "exp_show.json").read_text())
     with pytest.raises(ConfigError, match="none of the 6 experiments of HEAD is in the grid"):
@@ -201,57 +195,3 @@ def test_clear_errors(toy_repo, tmp_path):
     assert not (tmp_path / "c.png").exists()
     with pytest.raises(ConfigError, match="dvc.api.exp_show: failed"):
         read_rows(tmp_path)  # not a DVC repository
-
-
-def test_bad_specs_and_params_fail_before_dvc_is_asked(tmp_path):
-    (tmp_path / "params.yaml").write_text(PARAMS)
-    with pytest.raises(ConfigError, match="cannot parse x=range"):
-        Selection(tmp_path / "params.yaml", [], [["x=range(1"]])
-    with pytest.raises(ConfigError, match="params file not found"):
-        Selection(tmp_path / "missing.yaml")
-    proc = subprocess.run([sys.executable, "-m", "attnlab.report.compare", "--repo", str(tmp_path), "--grid", "x=("],
-                          check=False, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --grid/-S: cannot parse x=(")
-
-
-def test_grid_values_follow_dvc_syntax():
-    base = {"seed": 1, "model.pe": "rope", "attention.seq_len_filter": [16], "train.lr": 0.001}
-    allowed = grid_values(base, ["model.pe=rope,none", "seed=range(1,4)", "attention.seq_len_filter=[32,64]",
-                                 "train.lr=0.003", "train.lr=choice(0.01,0.1)"])
-    assert allowed == {"seed": [1.0, 2.0, 3.0], "model.pe": ["rope", "none"],
-                       "attention.seq_len_filter": ["[32, 64]"], "train.lr": [0.01, 0.1]}  # later specs win
-    assert grid_values(base, ["model.qkv_nonlinear_heads=[all]"])["model.qkv_nonlinear_heads"] == ["['all']"]
-    assert "seed" not in grid_values(base, ["~seed"])
-
-
-def test_make_renders_exactly_the_grids_it_queues():
-    """`make -n compare` / `make -n sweep`: the renderer gets the same -S specs as each `dvc exp run --queue`."""
-    for target, extra in [("compare", []), ("sweep", ["SWEEP=-S model.d_model=64,128 -S train.lr=0.001,0.003"])]:
-        proc = subprocess.run(["make", "-n", target, "QUICK=1", "COMPARE_SEEDS=1,2", *extra], cwd=ROOT,
-                              check=False, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        lines = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines()]
-        queued = [words[4:] for words in lines if words[:4] == ["dvc", "exp", "run", "--queue"]]
-        assert any(words[-3:] == ["exp", "run", "--run-all"] or "--run-all" in words for words in lines)
-        render_args = next(words[3:] for words in lines if words[1:3] == ["-m", "attnlab.report.compare"])
-        args = build_parser().parse_args(render_args)
-        assert [args.sets + grid for grid in args.grid] == [specs[1::2] for specs in queued]
-        assert all(specs[::2] == ["-S"] * (len(specs) // 2) for specs in queued)
-        if target == "compare":
-            assert [grid[0] for grid in args.grid] == ["model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex",
-                                                       "model.qkv_nonlinear_heads=[all]"]
-        assert all(grid[-1] == "seed=1,2" for grid in args.grid)
-
-
-def test_markdown_rows_are_named_by_variant_with_mean_and_std():
-    summary = pd.DataFrame({
-        "variant": ["rope, []", "rope, ['all']", "learned, []"],
-        "params.model.pe": ["rope", "rope", "learned"],
-        "params.model.qkv_nonlinear_heads": ["[]", "['all']", "[]"],
-        "n_seeds": [3, 3, 1],
-        **{f"{m}_mean": [1.0, 2.0, 3.0] for m in MARKDOWN_METRICS},
-        **{f"{m}_std": [0.01, 0.02, float("nan")] for m in MARKDOWN_METRICS},
-    })  # fmt: skip
-    rows = [line.split(" | ") for line in markdown_table(summary).splitlines()[2:]]
-    assert [row[0] for row in rows] == ["| rope", "| nonlinear_qkv ['all']", "| learned"]
-    assert rows[0][2] == "1.0000 \u00b1 0.0100" and rows[2][2] == "3.0000"  # one seed: no error bar

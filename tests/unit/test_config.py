@@ -109,3 +109,11 @@ def test_default_params_print_resolved_config_and_parameter_count(tmp_path):
     ]
     assert printed["params"]["corpus"]["sources"] == []
     assert isinstance(printed["implied"]["n_params"], int) and printed["implied"]["n_params"] > 1_000_000
+
+
+def test_the_code_defaults_are_params_yaml():
+    """A field left out of a params file means what params.yaml says (compare.seeds: 3 in both)."""
+    from attnlab.core.params import Params, load_params
+
+    assert Params() == load_params(ROOT / "params.yaml")
+    assert Params().compare.seeds == yaml.safe_load((ROOT / "params.yaml").read_text())["compare"]["seeds"] == 3

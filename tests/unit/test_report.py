@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from attnlab.report import registry
+from attnlab.report import figures, plots_interventions, registry
 from attnlab.report.figures import FIGURES as FIGURE_STAGE_FIGURES
 from attnlab.report.page import LINKED, METRICS, SAMPLES, build_report, flatten
 from attnlab.report.plots_interventions import INTERVENTION_FIGURES
@@ -47,7 +47,7 @@ def test_figures_metrics_and_samples_are_embedded_and_escaped(tmp_path):
     assert 'sandbox=""' in page and "srcdoc=" in page
 
 
-def test_registry_entries_appended_by_other_issues_appear_in_their_section(tmp_path):
+def test_registry_entries_added_to_the_list_appear_in_their_section(tmp_path):
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "interventions_temperature.png").write_bytes(PNG)
     extra = FIGURES + (Figure("interventions_temperature.png", "Interventions", "Loss against temperature.", "x"),
@@ -100,7 +100,7 @@ def test_the_page_opens_on_the_loss_against_the_unigram_baseline_with_tokens_sco
 # ---------------------------------------------------------------------------------------- the figure registry
 
 
-def test_registry_names_are_unique_with_known_sections_one_line_captions_and_drawable():
+def test_registry_names_are_unique_with_known_sections_inputs_and_one_line_captions():
     names = [f.name for f in FIGURES]
     assert len(names) == len(set(names))
     for f in FIGURES:
@@ -108,14 +108,14 @@ def test_registry_names_are_unique_with_known_sections_one_line_captions_and_dra
         assert f.caption.strip() and "\n" not in f.caption, f.name
         assert f.reads in ("",) + registry.READS, f.name
         assert not f.params or f.by_figure_stage, f"{f.name}: params are for figures of stages/figure.py"
-        if f.draw or f.by_figure_stage:
-            assert callable(registry.draw_function(f)), f.name
 
 
-def test_lists_derived_from_the_registry():
-    assert FIGURE_STAGE_FIGURES == {f.name: list(f.params) for f in FIGURES if f.by_figure_stage}
-    assert INTERVENTION_FIGURES == [(f.name, f.caption) for f in FIGURES if f.section == "Interventions"]
-    assert PE_FIGURES == [(f.name, f.caption) for f in FIGURES if f.section == "Positional encoding"]
+def test_every_figure_a_stage_draws_from_the_registry_has_a_draw_function_and_no_other_has():
+    png = {f.name for f in FIGURES if f.by_figure_stage and f.reads in figures.LOADERS}
+    assert set(figures.DRAW) == png, "figures.DRAW must hold exactly the PNG figures of stages/figure.py"
+    assert set(plots_interventions.DRAW) == {f.name for f in FIGURES if f.stage == "interventions"}
+    assert all(callable(draw) for draw in [*figures.DRAW.values(), *plots_interventions.DRAW.values()])
+    assert [f.name for f in FIGURES if f.by_figure_stage and f.name not in png] == ["attn_tokens.html"]
 
 
 def dvc_stages() -> dict[str, dict]:
@@ -133,6 +133,27 @@ def dvc_stages() -> dict[str, dict]:
 
 def paths(entries) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def figure_outs(stage: dict) -> list[str]:
+    """The file names of the figures in a stage's outs (reports/figures/<name>), in dvc.yaml's order."""
+    return [out.removeprefix("reports/figures/") for out in paths(stage.get("outs")) if out.startswith("reports/figures/")]
+
+
+def test_the_lists_each_stage_draws_from_are_the_figures_dvc_yaml_has_it_write():
+    """figures.FIGURES (name -> params), INTERVENTION_FIGURES and PE_FIGURES against dvc.yaml, written by hand."""
+    stages = dvc_stages()
+    by_figure_py = {}
+    for stage in stages.values():
+        words = " ".join(stage["cmd"].split()).split()
+        if words[1] == "stages/figure.py":
+            by_figure_py[words[words.index("--name") + 1]] = [k for k in stage.get("params", []) if k != "train.device"]
+    assert FIGURE_STAGE_FIGURES == by_figure_py
+    assert [name for name, _ in INTERVENTION_FIGURES] == figure_outs(stages["interventions"])
+    pe_outs = figure_outs(stages["pe_heatmap"]) + figure_outs(stages["position_analysis"])
+    assert [name for name, _ in PE_FIGURES] == pe_outs
+    captions = {f.name: f.caption for f in FIGURES}
+    assert all(caption == captions[name] for name, caption in INTERVENTION_FIGURES + PE_FIGURES)
 
 
 @pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.name)

@@ -1,8 +1,12 @@
-"""benchmarks/results_tables.py: the tables of docs/results.md from exp_show rows (mean ± std over seeds)."""
+"""attnlab.report.compare.results_tables: the tables of docs/results.md from exp_show rows (mean ± std over seeds)."""
 
 import statistics
 
-from benchmarks.results_tables import dynamics_table, head_table, interventions_table, mean_std
+import yaml
+
+from attnlab.report.compare.grid import Selection
+from attnlab.report.compare.render import mean_std_text
+from attnlab.report.compare.results_tables import build, dynamics_table, head_table, interventions_table
 
 INTERVENTIONS = "reports/interventions.json"
 
@@ -22,8 +26,9 @@ def run(seed: int) -> dict:
 
 
 def test_mean_std_over_seeds_and_a_single_seed_without_error_bar():
-    assert mean_std([1.0, 2.0, 3.0]) == f"2.000 \u00b1 {statistics.stdev([1.0, 2.0, 3.0]):.3f}"
-    assert mean_std([1.23456]) == "1.235" and mean_std([]) == "\u2014"
+    assert mean_std_text([1.0, 2.0, 3.0]) == f"2.000 \u00b1 {statistics.stdev([1.0, 2.0, 3.0]):.3f}"
+    assert mean_std_text([1.23456]) == "1.235" and mean_std_text([]) == "\u2014"
+    assert mean_std_text([1.0, float("nan"), 3.0], 1) == "2.0 \u00b1 1.4"  # a seed without the metric is left out
 
 
 def test_interventions_are_losses_and_changes_against_each_seeds_own_baseline():
@@ -44,3 +49,33 @@ def test_head_importance_and_dynamics_per_layer():
     dynamics = dynamics_table(runs, n_layers=2).splitlines()
     assert dynamics[0] == "| layer | first snapshot (1,000 tokens) | last snapshot (10,000 tokens) |"
     assert dynamics[2] == "| layer 0 | 0.900 \u00b1 0.000 | 0.320 \u00b1 0.010 |"
+
+
+PARAMS = {"seed": 1, "model": {"pe": "rope", "qkv_nonlinear_heads": [], "n_layers": 2, "n_heads": 2},
+          "train": {"precision": "auto"}}
+
+
+def experiment(rev: str, pe: str, precision: str, seed: int, val_loss: float, tokens_per_sec: float) -> dict:
+    """An exp_show row of one finished experiment (params as exp_show reports them: numbers as floats)."""
+    return {"rev": rev, "typ": "branch_commit", "Experiment": f"exp-{rev}", "Created": "", "State": "Success",
+            "seed": float(seed), "model.pe": pe, "model.qkv_nonlinear_heads": "[]", "model.n_layers": 2.0,
+            "model.n_heads": 2.0, "train.precision": precision, "reports/eval.json:val_loss": val_loss,
+            "tokens_per_sec": tokens_per_sec, **run(seed)}
+
+
+def test_build_puts_bf16_runs_in_their_own_table_not_among_the_variants(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    fp32 = {1: (3.1, 1000.0), 2: (3.3, 1100.0)}
+    bf16 = {1: (3.2, 1500.0), 2: (3.6, 1700.0)}
+    rows = [{"rev": "workspace", "typ": "baseline"}, experiment("l1", "learned", "auto", 1, 3.9, 900.0)]
+    rows += [experiment(f"f{s}", "rope", "auto", s, *v) for s, v in fp32.items()]
+    rows += [experiment(f"b{s}", "rope", "bf16", s, *v) for s, v in bf16.items()]
+    grids = [["model.pe=rope,learned", "seed=1,2"], ["train.precision=bf16", "seed=1,2"]]
+    text = build(rows, Selection(tmp_path / "params.yaml", [], grids), bf16=True)
+    variants = text[text.index("### Variants") : text.index("### Interventions")].splitlines()[3:-1]
+    assert [line.split(" | ")[:2] for line in variants] == [["| rope", "2"], ["| learned", "1"]]
+    assert variants[0].split(" | ")[2] == f"3.2000 \u00b1 {statistics.stdev([3.1, 3.3]):.4f}"  # fp32 seeds only
+    precision = text[text.index("### fp32 and bf16") :].splitlines()
+    assert precision[1] == "| precision | seed 1 | seed 2 | mean ± std | tokens/s |"
+    assert precision[3] == f"| fp32 | 3.1000 | 3.3000 | 3.2000 \u00b1 {statistics.stdev([3.1, 3.3]):.4f} | 1050 \u00b1 71 |"
+    assert precision[4].startswith("| bf16 autocast | 3.2000 | 3.6000 | 3.4000 \u00b1 0.2828 | 1600 \u00b1 141 |")

@@ -278,7 +278,7 @@ class ExplorerConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    seeds: int = 1  # seeds per variant in `make compare`
+    seeds: int = 3  # seeds per variant in `make compare` and `make sweep`: mean ± std over seeds 1..seeds
 
     def validate(self) -> None:
         _positive("compare.seeds", self.seeds)

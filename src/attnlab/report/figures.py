@@ -1,13 +1,14 @@
 """The figure stages: one figure per call, by file name. Loads the input a figure reads, passes the params it
-reads (both from the registry, attnlab.report.registry), draws it with the registry's draw function and
-writes the file atomically.
+reads (both from the registry, attnlab.report.registry), draws it with its function in DRAW and writes the file
+atomically.
 
 FIGURES maps each file name stages/figure.py draws to the params it reads; dvc.yaml lists the same params for
-that figure's stage (tests/test_report.py checks), so changing one figure's params reruns only that figure.
+that figure's stage (tests/unit/test_report.py checks), so changing one figure's params reruns only that figure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,6 +25,18 @@ from attnlab.report.style import save_figure
 FIGURES = {f.name: list(f.params) for f in registry.figure_stage_figures()}  # file name -> params it reads
 LOADERS = {"stats": load_stats, "mean_patterns": load_mean_patterns,  # Figure.reads -> loader(attention_dir)
            "dynamics": load_dynamics}
+# PNG file name -> its function, called with the loaded input and then the figure's params (the registry's order).
+# attn_tokens.html, the figure that reads the model, is drawn by token_view.token_view_html in render().
+DRAW: dict[str, Callable[..., plt.Figure]] = {
+    "attn_weights_support.png": plots.weights_support,
+    "attn_support_hist_all.png": plots.support_hist_all,
+    "attn_support_vs_seq_len.png": plots.support_vs_seq_len,
+    "attn_support_hist_by_block_head_w_seq_len_filter.png": plots.support_hist_by_head,
+    "attn_entropy_heatmap.png": plots.entropy_heatmap,
+    "attn_head_diversity.png": plots.head_diversity,
+    "attn_mean_patterns.png": plots.mean_patterns,
+    "attn_support_over_training.png": plots.support_over_training,
+}
 
 
 def figure_spec(name: str) -> registry.Figure:
@@ -60,7 +73,7 @@ def build_figure(name: str, params: Params, attention_dir: str | Path) -> plt.Fi
         raise ConfigError("--name", f"{name!r} is not a PNG figure")
     data = LOADERS[spec.reads](attention_dir)
     args = [param_value(params, key, data, attention_dir) for key in spec.params]
-    return registry.draw_function(spec)(data, *args)
+    return DRAW[name](data, *args)
 
 
 def token_panels(
@@ -120,7 +133,9 @@ def render(
     if spec.reads == "model":
         if model_path is None or tokenizer_path is None:
             raise ConfigError("--model", f"{name} needs --model and --tokenizer")
-        page = registry.draw_function(spec)(*token_panels(params, attention_dir, model_path, tokenizer_path))
+        from attnlab.report.token_view import token_view_html  # torch: only for this figure
+
+        page = token_view_html(*token_panels(params, attention_dir, model_path, tokenizer_path))
         write_text(out, page)
         return
     save_figure(build_figure(name, params, attention_dir), out)

@@ -1,6 +1,8 @@
-"""Figures of the interventions stage: the results table (attnlab.interventions.results_table) in, a Figure out.
+"""Figures of the interventions stage: the results table (attnlab.analysis.interventions.results_table) in, a
+Figure out.
 
-Each function draws one figure and returns it; :func:`save_figure` writes it atomically at a fixed DPI.
+Each function draws one figure and returns it; write_intervention_figures draws each figure of DRAW and saves
+it atomically at a fixed DPI.
 Columns used: kind, setting, layer, head, loss (nats/token), mean_entropy_bits, delta (loss - baseline).
 """
 
@@ -117,12 +119,21 @@ def plot_uniform(table: pd.DataFrame) -> Figure:
     return fig
 
 
+# file name -> the function that draws it from the results table; the registry's interventions figures
+DRAW = {
+    "intervention_temperature.png": plot_temperature,
+    "intervention_top_k.png": plot_top_k,
+    "head_importance.png": plot_head_importance,
+    "intervention_uniform.png": plot_uniform,
+}
+
+
 def write_intervention_figures(table: pd.DataFrame, figures_dir: str | Path) -> list[Path]:
-    """Draw and save the figures of INTERVENTION_FIGURES (each with its registry draw function) into figures_dir;
+    """Draw and save the figures of INTERVENTION_FIGURES (each with its function in DRAW) into figures_dir;
     returns their paths."""
     paths = []
-    for figure in registry.of_stage("interventions"):
-        path = Path(figures_dir) / figure.name
-        save_figure(registry.draw_function(figure)(table), path)
+    for name, _ in INTERVENTION_FIGURES:
+        path = Path(figures_dir) / name
+        save_figure(DRAW[name](table), path)
         paths.append(path)
     return paths

@@ -1,18 +1,18 @@
 """Every figure of the report, listed once: its file name, the page section and caption, the dvc.yaml stage that
-writes it and, where this registry drives the drawing, how it is drawn.
+writes it and, for the figures of stages/figure.py, what it reads and the params it takes.
 
 Derived from FIGURES: the report page (sections, captions, order), figures.FIGURES (what stages/figure.py
 draws, with the params each reads), plots_interventions.INTERVENTION_FIGURES (the files the interventions stage
-writes) and plots_pe.PE_FIGURES. dvc.yaml is static: tests/test_report.py checks it against this list (each
-figure an out of its stage and a dep of `report`; the `figure` foreach list = the param-free figure-stage ones).
+writes) and plots_pe.PE_FIGURES. The functions that draw them are imported where they are called, by file name:
+figures.DRAW for stages/figure.py, plots_interventions.DRAW for the interventions stage. dvc.yaml is static:
+tests/unit/test_report.py checks it and those DRAW tables against this list (each figure an out of its stage and
+a dep of `report`; the `figure` foreach list = the param-free figure-stage ones).
 
 Pure data: importing it runs no attnlab code, so every stage may use it.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 SECTIONS = ("Training", "Attention", "Interventions", "Positional encoding")  # the page's order
@@ -26,7 +26,6 @@ class Figure:
     section: str  # the page section it appears in (one of SECTIONS, or a new one appended after them)
     caption: str  # one line for the page: what to look for
     stage: str  # the dvc.yaml stage whose outs hold reports/figures/<name>
-    draw: str = ""  # "module.function" under attnlab.report drawing it, where the registry drives the drawing
     reads: str = ""  # stages/figure.py figures only: their input, one of READS
     params: tuple[str, ...] = ()  # stages/figure.py figures only: params passed to draw, after the input, in order
 
@@ -41,13 +40,13 @@ class Figure:
         return bool(self.reads)
 
 
-def _attention(name: str, caption: str, draw: str, reads: str = "stats", params: tuple[str, ...] = (),
+def _attention(name: str, caption: str, reads: str = "stats", params: tuple[str, ...] = (),
                stage: str = FIGURE_STAGE) -> Figure:  # fmt: skip
-    return Figure(name, "Attention", caption, stage, f"plots_attention.{draw}", reads, params)
+    return Figure(name, "Attention", caption, stage, reads, params)
 
 
-def _intervention(name: str, caption: str, draw: str) -> Figure:
-    return Figure(name, "Interventions", caption, "interventions", f"plots_interventions.{draw}")
+def _intervention(name: str, caption: str) -> Figure:
+    return Figure(name, "Interventions", caption, "interventions")
 
 
 FIGURES: tuple[Figure, ...] = (
@@ -67,57 +66,53 @@ FIGURES: tuple[Figure, ...] = (
         "attn_weights_support.png",
         "Support (effective number of attended tokens) for one batch: look for heads that stay dark (focused) "
         "at every position versus heads that brighten with position (spread out).",
-        "weights_support", params=("attention.batch_size",), stage="figure_weights_support",
+        params=("attention.batch_size",), stage="figure_weights_support",
     ),
     _attention(
         "attn_support_hist_all.png",
         "Normalized support = support / (position + 1) over all heads and query positions (left; 1 = uniform over "
         "every visible token, mass near 0 = sharp attention), with raw support in tokens beside it (right); "
         "train and val should overlap.",
-        "support_hist_all",
     ),
     _attention(
         "attn_support_vs_seq_len.png",
         "Support against query position, with the maximum (position + 1): how far below the diagonal attention "
         "stays as the context grows.",
-        "support_vs_seq_len",
     ),
     _attention(
         "attn_support_hist_by_block_head_w_seq_len_filter.png",
         "Per-head histograms of normalized support = support / (position + 1) for query positions in "
         "[start, stop) of attention.seq_len_filter: heads differ most here, some peaked near 0 (a few tokens), "
         "others broad or near 1 (uniform).",
-        "support_hist_by_head", params=("attention.seq_len_filter",), stage="figure_support_hist_by_head",
+        params=("attention.seq_len_filter",), stage="figure_support_hist_by_head",
     ),
     _attention(
         "attn_entropy_heatmap.png",
         "Mean entropy (bits) and normalized support per layer and head: dark cells are the focused heads.",
-        "entropy_heatmap",
     ),
     _attention(
         "attn_head_diversity.png",
         "Earth mover's distance between heads' support distributions: bright off-diagonal blocks are heads "
         "that behave very differently.",
-        "head_diversity",
     ),
     _attention(
         "attn_mean_patterns.png",
         "Mean attention by query position and key offset: a bright column at offset 1 is a previous-token head, "
         "a bright diagonal attends to the first token.",
-        "mean_patterns", reads="mean_patterns", stage="figure_mean_patterns",
+        reads="mean_patterns", stage="figure_mean_patterns",
     ),
     _attention(
         "attn_support_over_training.png",
         "Each head's mean normalized support on the validation examples at initialization and every validation point of training, "
         "against tokens seen: when heads sharpen (falling lines) or spread out, and whether they settle before "
         "training ends.",
-        "support_over_training", reads="dynamics", stage="figure_support_over_training",
+        reads="dynamics", stage="figure_support_over_training",
     ),
     Figure(
         "attn_tokens.html", "Attention",
         "Source tokens coloured by one head's attention from one query position, for the examples with the most "
         "and the least support.",
-        stage="figure_tokens", draw="token_view.token_view_html", reads="model",
+        stage="figure_tokens", reads="model",
         params=("attention.token_view_layer", "attention.token_view_head", "attention.token_view_position"),
     ),
     _intervention(
@@ -125,25 +120,21 @@ FIGURES: tuple[Figure, ...] = (
         "Validation loss and mean attention entropy when every head's scores are divided by tau: how far from "
         "tau = 1 (the trained model) can attention be sharpened (tau < 1) or flattened (tau > 1) before the loss "
         "rises?",
-        "plot_temperature",
     ),
     _intervention(
         "intervention_top_k.png",
         "Validation loss when every head keeps only its k largest scores per query: the k at which the curve meets "
         "the baseline is how many keys the model really needs; top-1 is hard attention.",
-        "plot_top_k",
     ),
     _intervention(
         "head_importance.png",
         "Loss increase when one head's output is replaced by its mean (train split): large cells are heads the "
         "model relies on, cells near 0 are heads it can do without.",
-        "plot_head_importance",
     ),
     _intervention(
         "intervention_uniform.png",
         "Validation loss of the model, of every head attending uniformly to its past, and of one layer at a time "
         "made uniform: which layers' attention patterns carry the most.",
-        "plot_uniform",
     ),
     Figure(
         "pe_heatmap.png", "Positional encoding",
@@ -181,11 +172,3 @@ def in_section(section: str) -> list[Figure]:
 def figure_stage_figures() -> list[Figure]:
     """The figures of stages/figure.py, in page order."""
     return [f for f in FIGURES if f.by_figure_stage]
-
-
-def draw_function(figure: Figure) -> Callable:
-    """The function `figure.draw` names (imported on first use: the token view needs torch)."""
-    if not figure.draw:
-        raise ValueError(f"{figure.name} is not drawn from the registry (its stage {figure.stage} draws it)")
-    module, _, function = figure.draw.rpartition(".")
-    return getattr(importlib.import_module(f"attnlab.report.{module}"), function)

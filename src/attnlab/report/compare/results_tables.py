@@ -1,12 +1,12 @@
 """The tables of docs/results.md, from the experiments `make results` ran (the HEAD commit's, via dvc exp show).
 
-    python -m benchmarks.results_tables --out reports/results_tables.md       # the last step of `make results`
+    python -m attnlab.report.compare.results_tables --out reports/results_tables.md   # the last step of `make results`
 
-Which experiments: the same selection as `make compare` (attnlab.report.compare), with the Makefile's grids
-and profile passed the same way (-S for the profile, one --grid per queued grid). Tables:
+Which experiments: the same selection as `make compare` (python -m attnlab.report.compare), with the Makefile's
+grids and profile passed the same way (-S for the profile, one --grid per queued grid). Tables:
 
 1. one row per variant (PE grid + non-linear Q/K/V grid): mean ± std over seeds of val loss, bits per byte,
-   loss at 2x the trained length, mean attention entropy and training tokens/s (compare.markdown_table);
+   loss at 2x the trained length, mean attention entropy and training tokens/s (render.markdown_table);
 2. fp32 against bf16 autocast for the default variant, per seed, when a --grid with train.precision=bf16 ran;
 3. the interventions on the default variant (its seeds): the loss under uniform attention, hard top-k,
    temperature, and its change against the unchanged model;
@@ -17,15 +17,18 @@ and profile passed the same way (-S for the profile, one --grid per queued grid)
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
-from pathlib import Path
 
 import pandas as pd
 
+from attnlab.core.cli import run_cli
 from attnlab.core.io import write_text
-from attnlab.report.compare import Selection, load_experiments, markdown_table, metric_value, read_rows, summarize
+from attnlab.report.compare.cli import add_selection_arguments, selection_of
+from attnlab.report.compare.experiments import load_experiments, metric, read_rows
+from attnlab.report.compare.grid import Selection
+from attnlab.report.compare.render import markdown_table, mean_std_text
+from attnlab.report.compare.stats import summarize
 
 INTERVENTIONS = "reports/interventions.json"
 DYNAMICS = "reports/attention_dynamics.json"
@@ -44,24 +47,10 @@ ROWS = [  # (label, key in interventions.json, flattened as exp_show does)
 ]
 
 
-def mean_std(values: list[float], digits: int = 3) -> str:
-    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    if not values:
-        return "\u2014"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} \u00b1 {statistics.stdev(values):.{digits}f}"
-
-
 def table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def number(row: dict, file: str, key: str) -> float:
-    value = metric_value(row, file, key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def default_runs(experiments: pd.DataFrame, raw: dict[str, dict], precision: str = "auto") -> list[dict]:
@@ -74,12 +63,12 @@ def default_runs(experiments: pd.DataFrame, raw: dict[str, dict], precision: str
 
 
 def interventions_table(runs: list[dict]) -> str:
-    base = [number(r, INTERVENTIONS, "baseline.loss") for r in runs]
+    base = [metric(r, INTERVENTIONS, "baseline.loss") for r in runs]
     rows = []
     for label, key in ROWS:
-        losses = [number(r, INTERVENTIONS, key) for r in runs]
+        losses = [metric(r, INTERVENTIONS, key) for r in runs]
         deltas = [loss - b for loss, b in zip(losses, base)]
-        rows.append([label, mean_std(losses), "" if key == "baseline.loss" else mean_std(deltas)])
+        rows.append([label, mean_std_text(losses), "" if key == "baseline.loss" else mean_std_text(deltas)])
     return table(["intervention (every head unless said)", "val loss (nats)", "change"], rows)
 
 
@@ -88,10 +77,10 @@ def head_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
     mean ± std over seeds. Heads are compared within a run only: head h of one seed is not head h of another."""
     rows = []
     for layer in range(n_layers):
-        per_run = [[number(r, INTERVENTIONS, f"mean_ablate.L{layer}H{head}.delta") for head in range(n_heads)]
+        per_run = [[metric(r, INTERVENTIONS, f"mean_ablate.L{layer}H{head}.delta") for head in range(n_heads)]
                    for r in runs]
-        rows.append([f"layer {layer}", mean_std([statistics.mean(d) for d in per_run]),
-                     mean_std([max(d) for d in per_run]), mean_std([min(d) for d in per_run])])
+        rows.append([f"layer {layer}", mean_std_text([statistics.mean(d) for d in per_run]),
+                     mean_std_text([max(d) for d in per_run]), mean_std_text([min(d) for d in per_run])])
     return table(["", "mean over its heads", "most important head", "least important head"], rows)
 
 
@@ -99,10 +88,10 @@ def dynamics_table(runs: list[dict], n_layers: int) -> str:
     rows = []
     for layer in range(n_layers):
         key = f"normalized_support_by_layer.L{layer}"
-        first = [number(r, DYNAMICS, f"{key}.first") for r in runs]
-        last = [number(r, DYNAMICS, f"{key}.last") for r in runs]
-        rows.append([f"layer {layer}", mean_std(first), mean_std(last)])
-    tokens = [number(r, DYNAMICS, "first_train_tokens") for r in runs], [number(r, DYNAMICS, "last_train_tokens") for r in runs]
+        first = [metric(r, DYNAMICS, f"{key}.first") for r in runs]
+        last = [metric(r, DYNAMICS, f"{key}.last") for r in runs]
+        rows.append([f"layer {layer}", mean_std_text(first), mean_std_text(last)])
+    tokens = [metric(r, DYNAMICS, "first_train_tokens") for r in runs], [metric(r, DYNAMICS, "last_train_tokens") for r in runs]
     head = ["layer", f"first snapshot ({tokens[0][0]:,.0f} tokens)" if tokens[0] else "first",
             f"last snapshot ({tokens[1][0]:,.0f} tokens)" if tokens[1] else "last"]
     return table(head, rows)
@@ -111,9 +100,9 @@ def dynamics_table(runs: list[dict], n_layers: int) -> str:
 def precision_table(fp32: list[dict], bf16: list[dict], experiments: pd.DataFrame) -> str:
     rows = []
     for label, runs in (("fp32", fp32), ("bf16 autocast", bf16)):
-        losses = [number(r, EVAL, "val_loss") for r in runs]
-        speed = [number(r, "reports/train.json", "tokens_per_sec") for r in runs]
-        rows.append([label, *(f"{v:.4f}" for v in losses), mean_std(losses, 4), mean_std(speed, 0)])
+        losses = [metric(r, EVAL, "val_loss") for r in runs]
+        speed = [metric(r, "reports/train.json", "tokens_per_sec") for r in runs]
+        rows.append([label, *(f"{v:.4f}" for v in losses), mean_std_text(losses, 4), mean_std_text(speed, 0)])
     n = max(len(fp32), len(bf16))
     return table(["precision", *(f"seed {i + 1}" for i in range(n)), "mean ± std", "tokens/s"], rows)
 
@@ -141,14 +130,12 @@ def build(rows: list[dict], selection: Selection, bf16: bool) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", nargs="+", action="append", default=[], metavar="SPEC")
-    parser.add_argument("-S", "--set-param", dest="sets", action="append", default=[], metavar="SPEC")
-    parser.add_argument("--repo", default=".")
-    parser.add_argument("--exp-json", default=None)
+    parser = argparse.ArgumentParser(prog="python -m attnlab.report.compare.results_tables",
+                                     description=__doc__.split("\n\n")[0])
+    add_selection_arguments(parser)
     parser.add_argument("--out", default="reports/results_tables.md")
     args = parser.parse_args(argv)
-    selection = Selection(Path(args.repo) / "params.yaml", args.sets, args.grid)
+    selection = selection_of(args)
     bf16 = any("train.precision=bf16" in spec for grid in args.grid for spec in grid)
     text = build(read_rows(args.repo, args.exp_json), selection, bf16)
     write_text(args.out, text)
@@ -156,4 +143,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_cli(main, sys.argv[1:]))
