@@ -2,20 +2,17 @@
 
     python -m benchmarks.bench --out reports/bench.json --set model.d_model=128 ...   # `make bench`
 
-``SECTIONS`` run at the bench shape (CPU_SHAPE on a CPU, the params' model on CUDA, or the shape flags) on the
-token files, or synthetic ones where there are none; each is a function (setup, results) -> flat keys of
-reports/bench.json. Repetitions alternate between the things compared (common.side_by_side):
+``SECTIONS``, each (setup, results) -> flat keys of reports/bench.json, run at the bench shape (CPU_SHAPE on a
+CPU, the params' model on CUDA, or the shape flags) on the token files (synthetic ones where there are none),
+the things compared alternating (common.side_by_side):
 
 - train_fp32 / train_bf16: the train stage's step (loop.train_step) on attnlab's model and on
   torch.nn.TransformerEncoder (benchmarks/reference.py); train_loop: the stage's whole loop against its step;
-- attention_paths: the fused SDPA forward against the explicit (capturable) one; attention_analysis: the cost
-  of the attention statistics (benchmarks/bench_attention.py);
+- attention_paths: SDPA forward against the explicit (capturable) one; attention_analysis: bench_attention.py;
 - mfu: achieved FLOP/s (flops_per_token) over the matmul peak measured here, or a known GPU's bf16 peak;
-- bf16_loss: the stage's steps in fp32 and in bf16 from one init on the same batches; another seed's fp32
-  run is the run-to-run noise.
-
-Then, where token files exist, the quality section (benchmarks/bench_quality.py) at the shape of --params and
-the --set overrides (`make bench` passes the quick profile).
+- bf16_loss: the stage's steps in fp32 and bf16 from one init on the same batches, another seed's as noise;
+- quality (bench_quality.py, where token files exist): at the shape of --params and --set (`make bench`: the
+  quick profile).
 """
 
 from __future__ import annotations

@@ -2,16 +2,12 @@
 
     python -m benchmarks.bench_compile --out reports/bench_compile.json      # `make bench-compile`
 
-For each shape (the quick profile's, read from the Makefile, and params.yaml's default), the train stage's step
-(attnlab.training.loop.train_step: its model, optimizer and schedule) runs eagerly and with the model through
-`torch.compile`, on the same synthetic batches:
-
-- ``compile_seconds``: the first compiled steps' wall time minus as many eager steps (what compiling costs);
-- ``eager_tok_s`` / ``compiled_tok_s``: steady-state tokens/s, alternating repetitions (common.side_by_side);
-- ``run_minutes_eager`` / ``run_minutes_compiled``: the shape's whole run (its params' token budget) projected
-  from those figures, compile time included.
-
-The train stage compiles only on CUDA (`train.compile`); this measurement is what keeps it off on the CPU.
+At the quick profile's shape (read from the Makefile) and params.yaml's, the train stage's step
+(attnlab.training.loop.train_step) runs eagerly and with its model through `torch.compile`, on the same
+synthetic batches: ``compile_seconds`` (the first compiled steps' time less as many eager ones),
+``eager_tok_s`` / ``compiled_tok_s`` (steady, alternating: common.side_by_side), and ``run_minutes_*``, the
+shape's whole token budget at those speeds, compile time included. The train stage compiles only on CUDA
+(`train.compile`); this measurement is what keeps it off on the CPU.
 """
 
 from __future__ import annotations

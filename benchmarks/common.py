@@ -147,18 +147,16 @@ def side_by_side(runs: dict[str, Step], steps: int, reps: int, warmup: int, toke
 
 
 class LoopTimer:
-    """Times the train stage's loop window by window: pass it as train(on_log=timer).
+    """Times the train stage's loop window by window, as train(on_log=timer), with partner steps interleaved.
 
-    A window runs from one log event to the next; the loop's seconds in it are the events' train_seconds apart
-    (validation excluded) less the time this timer itself took in between. Windows that start before
-    `after_step` are not counted (set-up, compilation, warm-up). After each counted window, each partner step
-    runs as many steps as the window had, timed on its own, the partners' order reversed every other window, so
-    that a drift of the machine's speed hits the loop and its partners alike. `spans` holds (name, start, end)
-    of every timed span, loop windows included: they never overlap.
-    """
+    A window runs from one log event to the next, if it starts at `after_step` or later (not in set-up,
+    compilation, warm-up); the loop's seconds in it are the events' train_seconds apart less this timer's own
+    time. After each window each partner runs as many steps, timed, the partners' order reversed every other
+    window, so that a drift of the machine's speed hits all alike. `spans`: (name, start, end) of every timed
+    span, loop windows included; they never overlap."""
 
     def __init__(self, partners: dict[str, Step] | None = None, device: torch.device = torch.device("cpu"),
-                 after_step: int = 1):
+                 after_step: int = 0):
         self.partners, self.device, self.after_step = partners or {}, device, after_step
         self.windows: list[dict] = []  # {"steps", "tokens", "loop": seconds, <partner>: seconds}
         self.spans: list[tuple[str, float, float]] = []
@@ -208,18 +206,10 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: floa
     """FLOP/s of an n x n x n torch.mm in `dtype`: the best of 5 rounds of about seconds/5 each."""
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-    start = time.perf_counter()
-    torch.mm(a, b)
-    sync(device)
-    iters = max(1, int(seconds / 5 / (time.perf_counter() - start)))  # the first call includes warm-up
-    best = 0.0
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b)
-        sync(device)
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - start))
-    return best
+    first = side_by_side({"mm": lambda i: torch.mm(a, b)}, 1, 1, 0, 1, device)["mm"]  # calls/s, warm-up in
+    iters = max(1, int(seconds / 5 * first))
+    return 2 * n**3 * max(side_by_side({"mm": lambda i: torch.mm(a, b)}, iters, 1, 0, 1, device)["mm"]
+                          for _ in range(5))
 
 
 def peak_rss_mb() -> float:

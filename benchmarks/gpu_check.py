@@ -4,20 +4,13 @@ docs/performance.md.
     python -m benchmarks.gpu_check              # `make gpu-check`: without CUDA it refuses before doing any work
     python -m benchmarks.gpu_check --dry-run    # `make gpu-check DRY_RUN=1`: the same script on the CPU, tiny shape
 
-What it runs, each part timed (the ``*_seconds`` keys):
-
-1. the data stages: `dvc repro tokenize` when data/tokens is missing. The dry run builds a tiny corpus of
-   attnlab's own source, its tokenizer and its token files in a temporary folder, with the library functions
-   those stages call;
-2. ``--steps`` steps of the params' model shape in bf16 with torch.compile (on CUDA), run by the train stage's
-   own function (attnlab.training.loop.train) into a temporary folder: tokens/s after ``--warmup-steps``
-   (common.LoopTimer), MFU against the dense bf16 peak (common.CUDA_BF16_PEAK, else a measured bf16 matmul)
-   and peak memory;
-3. the attention analysis (attnlab.analysis.stats.attention_stats) on the model it trained.
-
-``projected_full_study_minutes`` is the training time of the full study of ``--params`` (its token budget,
-``full_study_tokens``) at the measured tokens/s, validation excluded. The dry run trains the tiny shape of
-``DRY_RUN`` on the CPU: its figures check the script, not a machine.
+It runs, each part timed (``*_seconds``): the data stages (`dvc repro tokenize` when data/tokens is missing;
+the dry run: a tiny corpus of attnlab's own source, its tokenizer and token files in a temporary folder);
+``--steps`` steps of the params' model in bf16 with torch.compile (on CUDA) by the train stage's own function,
+timed after ``--warmup-steps`` (common.LoopTimer), with MFU against the dense bf16 peak (else a measured bf16
+matmul) and peak memory; the attention analysis on the model it trained. ``projected_full_study_minutes``: the
+full study's token budget (``full_study_tokens``, of --params) at that speed, validation excluded. The dry run's
+figures check the script, not a machine.
 """
 
 from __future__ import annotations
@@ -93,12 +86,8 @@ def build_data(params: Params, dry_run: bool, tmp: Path) -> Path:
 
 
 def run_params(args: argparse.Namespace, vocab_size: int) -> Params:
-    """The params of the timed run: the shape of --params, bf16, torch.compile, a budget of args.steps steps.
-
-    One validation (at the end) and no checkpoint before the last: the full study's cadence (every 10% of its
-    run) would weigh a few hundred steps far more than it weighs the study's. Validation is left out of tokens/s
-    anyway.
-    """
+    """The params of the timed run: the shape of --params, bf16, torch.compile, a budget of args.steps steps,
+    one validation and one checkpoint (at the end: the study's cadence, every 10%, would weigh far more here)."""
     overrides = copy.deepcopy(DRY_RUN) if args.dry_run else {}
     base = load_params(args.params, overrides)
     overrides.setdefault("tokenizer", {})["vocab_size"] = vocab_size  # the token files' own vocabulary
