@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -109,7 +110,8 @@ def attention_section(shape: dict, vocab_size: int, batch_size: int, device: str
 def peak_memory_child(shape: dict, vocab_size: int, batch_size: int, n_examples: int, seed: int) -> dict:
     """Run the streamed stage path (stats -> parquet writer) in a fresh process; its peak RSS in MB."""
     spec = json.dumps(dict(shape=shape, vocab_size=vocab_size, batch_size=batch_size, n_examples=n_examples, seed=seed))
-    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_attention", spec], cwd=ROOT,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path))}  # the modules this process runs
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_attention", spec], cwd=ROOT, env=env,
                             capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
