@@ -54,7 +54,8 @@ def test_bench_writes_every_key_of_the_committed_report(tmp_path, capsys):
 
 def test_timing_the_loop_with_partners_leaves_its_training_unchanged(tmp_path):
     tokens = write_tokens(tmp_path / "tokens")
-    params = load_params(write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS))
+    few_evals = {**TINY_TRAIN_PARAMS["train"], "eval_every_frac": 0.5, "checkpoint_every_frac": 0.5}
+    params = load_params(write_params(tmp_path / "params.yaml", {**TINY_TRAIN_PARAMS, "train": few_evals}))
     timer = LoopTimer({"bare_step": stage_step(params, tokens, tmp_path / "partner")})
     timed_metrics, timed_model = train_stage(params, tokens, on_log=timer)
     plain_metrics, plain_model = train_stage(params, tokens)
