@@ -9,8 +9,8 @@ seeds' spread is the yardstick. The rule of docs/performance.md: bf16 is accepta
 lies within the range of the fp32 seeds.
 
 Runs go `--jobs` at a time, in separate processes that share the cores. On a CPU without native bf16 (no
-avx512_bf16/amx_bf16) bf16 is emulated and a quick-profile run takes ~15x as long as in fp32: the answer is
-about quality, which does not depend on how fast the bf16 arithmetic is done.
+avx512_bf16/amx_bf16) bf16 is emulated and far slower than fp32: the answer is about quality, which does not
+depend on how fast the bf16 arithmetic is done.
 
 Writes --out (JSON: every run, and the summary) and prints the markdown table.
 """
@@ -35,6 +35,8 @@ from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_json
 from attnlab.core.params import Params, load_params
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
+from benchmarks.common import parse_overrides, train_stage
+from attnlab.report.compare.render import mean_std_text as mean_std
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -47,16 +49,15 @@ def run_params(params: Params, precision: str, seed: int, vocab_size: int) -> Pa
 
 
 def train_and_score(params: Params, tokens_dir: str, threads: int) -> dict:
-    """One run: the train stage's function, then evaluate's windows scored in the run's precision."""
-    from benchmarks.bench_quality import train_attnlab  # imported here: a fresh worker process
-
+    """One run (in a worker process): the train stage's function, then evaluate's windows scored in the run's
+    precision."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    metrics, model = train_attnlab(params, tokens_dir)
+    metrics, model = train_stage(params, tokens_dir)
     device = pick_device(params.train.device)
     val_tokens, seq_len = load_tokens(tokens_dir, "val"), params.model.seq_len
     starts = eval_starts(len(val_tokens), seq_len, params.eval.max_tokens)
-    scored = score_windows(model.to(device), val_tokens, starts, seq_len, params.eval.batch_size)
+    scored = score_windows(model.to(device), val_tokens, starts, seq_len, params.eval.batch_size)  # fp32
     return {
         "precision": params.train.precision, "seed": params.seed, "val_loss": round(scored.loss, 6),
         "val_tokens": scored.n_tokens, "final_train_loss": round(metrics["final_train_loss"], 6),
@@ -81,13 +82,12 @@ def summarize(runs: list[dict]) -> dict:
     summary["bf16_minus_fp32_by_seed"] = gaps
     summary["bf16_minus_fp32_mean"] = round(statistics.mean(gaps.values()), 6) if gaps else None
     if by["fp32"] and by["bf16"]:
-        summary["bf16_within_fp32_seed_range"] = summary["fp32"]["min"] <= summary["bf16"]["mean"] <= summary["fp32"]["max"]
+        fp32_range = summary["fp32"]["min"], summary["fp32"]["max"]
+        summary["bf16_within_fp32_seed_range"] = fp32_range[0] <= summary["bf16"]["mean"] <= fp32_range[1]
     return summary
 
 
 def markdown(runs: list[dict], summary: dict) -> str:
-    from attnlab.report.compare.render import mean_std_text as mean_std
-
     seeds = sorted({r["seed"] for r in runs})
     by_key = {(r["precision"], r["seed"]): r for r in runs}
     lines = ["| precision | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | tokens/s (mean) |",
@@ -121,8 +121,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
-    from benchmarks.bench import parse_overrides
-
     args = parse_args(argv)
     if args.jobs < 1:
         raise ConfigError("--jobs", f"{args.jobs} must be at least 1")

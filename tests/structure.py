@@ -1,5 +1,6 @@
-"""The shape of the code, read from the source alone (no imports run): attnlab's import graph, the dvc.yaml
-deps each stage needs, function lengths and folder sizes. Used by tests/unit/test_structure.py."""
+"""The shape of the code, read from the source alone (no imports run): the import graphs of attnlab and of
+benchmarks/, the dvc.yaml deps each stage needs, function lengths and folder sizes. Used by
+tests/unit/test_structure.py."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = SRC / "attnlab"
+BENCHMARKS = ROOT / "benchmarks"
+PACKAGES = {"attnlab": SRC, "benchmarks": ROOT}  # our top-level packages -> the folder each lives in
 
 
-def module_path(name: str) -> Path | None:
-    """attnlab.x.y -> its file (module or package __init__), or None when it is not ours."""
-    if name != "attnlab" and not name.startswith("attnlab."):
+def module_path(name: str, packages: dict[str, Path] = PACKAGES) -> Path | None:
+    """attnlab.x.y or benchmarks.x -> its file (module or package __init__), or None when it is not ours."""
+    top = name.split(".")[0]
+    if top not in packages:
         return None
-    base = SRC.joinpath(*name.split("."))
+    base = packages[top].joinpath(*name.split("."))
     if base.with_suffix(".py").exists():
         return base.with_suffix(".py")
     if (base / "__init__.py").exists():
@@ -23,13 +27,13 @@ def module_path(name: str) -> Path | None:
     return None
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
+def module_name(path: Path, root: Path = SRC) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every attnlab module the file imports anywhere (module level or inside functions), with the packages
+def imported_modules(path: Path, packages: dict[str, Path] = PACKAGES) -> set[str]:
+    """Every module of ours the file imports anywhere (module level or inside functions), with the packages
     that importing it runs (attnlab/__init__.py, attnlab/core/__init__.py, ...)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found: set[str] = set()
@@ -43,17 +47,18 @@ def imported_modules(path: Path) -> set[str]:
             parts = name.split(".")
             for i in range(1, len(parts) + 1):
                 candidate = ".".join(parts[:i])
-                if module_path(candidate) is not None:
+                if module_path(candidate, packages) is not None:
                     found.add(candidate)
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the attnlab modules it imports directly (a package's __init__ counts as that package)."""
+def import_graph(package: Path = PACKAGE, packages: dict[str, Path] = PACKAGES) -> dict[str, set[str]]:
+    """module of `package` -> the modules of ours it imports directly (a package's __init__ counts as that
+    package)."""
     graph = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = module_name(path)
-        graph[name] = {m for m in imported_modules(path) if m != name and not name.startswith(m + ".")}
+    for path in sorted(package.rglob("*.py")):
+        name = module_name(path, package.parent)
+        graph[name] = {m for m in imported_modules(path, packages) if m != name and not name.startswith(m + ".")}
     return graph
 
 

@@ -1,57 +1,98 @@
-"""benchmarks/bench.py: a real run at a tiny shape, the torch reference it compares against, and bad input."""
+"""benchmarks/: the pieces every bench relies on, each against an independent reference or a property (the
+whole runs are in tests/e2e/test_benchmarks.py)."""
 
 from __future__ import annotations
 
-import json
+import shlex
+import shutil
+import subprocess
+import time
 
-import numpy as np
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from attnlab.analysis.capture import explicit_attention
 from attnlab.core.cli import run_cli
 from attnlab.core.params import ModelConfig
-from attnlab.model.transformer import Transformer, count_parameters
+from attnlab.model.transformer import Transformer, count_parameters, flops_per_token, lm_loss
+from attnlab.training.loop import LogEvent
 from benchmarks import bench
-
-TINY = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "64", "--seq-len", "32",
-        "--batch-size", "2", "--vocab-size", "400", "--steps", "2", "--reps", "1", "--warmup", "0",
-        "--loss-steps", "2", "--mm-size", "64", "--mm-seconds", "0.05", "--device", "cpu", "--bf16", "on"]
-REQUIRED = [
-    "train_tok_s", "torch_encoder_tok_s", "train_vs_torch_encoder", "mfu_fp32",
-    "train_tok_s_bf16", "torch_encoder_tok_s_bf16", "train_vs_torch_encoder_bf16", "mfu_bf16",
-    "sdpa_fwd_tok_s", "explicit_fwd_tok_s", "bf16_loss_gap", "device", "config",
-]
+from benchmarks.common import PARTNER_WARMUP, LoopTimer, parse_overrides, quick_params, side_by_side
+from benchmarks.reference import TorchEncoderLM
+from structure import ROOT
 
 
-def test_bench_writes_every_key_at_a_tiny_shape(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no data/tokens here: the synthetic stream is used
-    out = tmp_path / "reports" / "bench.json"
-    bench.main(TINY + ["--out", str(out)])
-    results = json.loads(out.read_text())
-    for key in REQUIRED:
-        assert key in results, key
-    for key in REQUIRED[:-3]:
-        assert np.isfinite(results[key]), key
-    assert results["train_tok_s"] > 0 and results["torch_encoder_tok_s"] > 0
-    assert results["train_vs_torch_encoder"] == pytest.approx(results["train_tok_s"] / results["torch_encoder_tok_s"])
-    assert results["config"]["d_model"] == 32 and results["config"]["batch_size"] == 2
-    assert results["config"]["token_source"] == "synthetic"
-    assert len(results["loss_curve_fp32"]) == len(results["loss_curve_bf16"]) == 2
-    assert list(results["section_seconds"]) == [name for name, _ in bench.SECTIONS] + ["quality"]
-    assert results["train_loop_tok_s_bench_shape"] > 0  # the train stage's own loop, at the bench shape
-    assert results["train_loop_vs_step_bench_shape"] == pytest.approx(
-        results["train_loop_tok_s_bench_shape"] / results["bare_step_tok_s_bench_shape"], rel=1e-3)
-    assert "no token files" in results["quality_skipped"]
-    printed = capsys.readouterr().out
-    assert "attnlab / torch, fp32" in printed and "MFU bf16" in printed
+def test_flops_per_token_is_the_matmul_count_of_a_training_step():
+    """The bench's MFU numerator against torch's FlopCounterMode on one fwd + bwd of a tiny model (explicit
+    attention, so that the T x T matmuls are counted too). The formula's 6 x params also counts the parameters
+    that do no matmul, by hand: per layer 4 x 32 projection biases + 64 + 32 MLP biases + 2 LayerNorms x 2 x 32,
+    = 352, x 2 layers, + the final LayerNorm's 64 = 768."""
+    cfg, vocab = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, norm="pre"), 100
+    model = Transformer(cfg, vocab)
+    x = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
+    with FlopCounterMode(display=False) as counter, explicit_attention(model):
+        lm_loss(model(x), x).backward()
+    counted_per_token = counter.get_total_flops() / x.numel()
+    assert flops_per_token(cfg, count_parameters(cfg, vocab)) - 6 * 768 == counted_per_token
+
+
+def fake_loop(timer: LoopTimer, windows: int, window_s: float, validation_s: float) -> None:
+    """A loop whose windows take window_s each, with a validation of validation_s after every event."""
+    started, validation = time.perf_counter(), 0.0
+    for w in range(windows + 1):
+        time.sleep(window_s)
+        timer(LogEvent(step=4 * (w + 1), tokens=40 * (w + 1), loss=1.0,
+                       train_seconds=time.perf_counter() - started - validation))
+        start = time.perf_counter()
+        time.sleep(validation_s)
+        validation += time.perf_counter() - start
+
+
+def test_loop_timer_windows_are_disjoint_spans_that_leave_out_partners_and_validation():
+    calls: dict[str, list[int]] = {"a": [], "b": []}
+
+    def partner(name: str):
+        def step(i: int) -> None:
+            calls[name].append(i)
+            time.sleep(0.01)  # 4 steps: 0.04 s, twice the loop's own window
+        return step
+
+    timer = LoopTimer({"a": partner("a"), "b": partner("b")})
+    fake_loop(timer, windows=3, window_s=0.02, validation_s=0.03)
+    assert len(timer.windows) == 3  # the first event only starts the clock
+    for window in timer.windows:
+        assert 0.02 <= window["loop"] < 0.035, window  # had a partner's or validation's time leaked in: >= 0.05
+        assert window["a"] >= 0.04 and window["b"] >= 0.04 and window["steps"] == 4 and window["tokens"] == 40
+    spans = sorted(timer.spans, key=lambda span: span[1])
+    assert all(end <= next_start for (_, _, end), (_, next_start, _) in zip(spans, spans[1:]))
+    assert [name for name, _, _ in timer.spans] == ["loop", "a", "b", "loop", "b", "a", "loop", "a", "b"]
+    assert calls["a"] == calls["b"] == list(range(PARTNER_WARMUP + 12))  # warm-up, then one step per loop step
+    assert timer.tok_s()["loop"] == pytest.approx(120 / sum(w["loop"] for w in timer.windows))
+
+
+def test_loop_timer_counts_only_windows_after_the_warmup_and_refuses_none():
+    timer = LoopTimer(after_step=8)
+    fake_loop(timer, windows=3, window_s=0.0, validation_s=0.0)  # events at steps 4, 8, 12, 16
+    assert [w["steps"] for w in timer.windows] == [4, 4]  # 8 -> 12 and 12 -> 16
+    with pytest.raises(RuntimeError, match="no log flush after step 99"):
+        LoopTimer(after_step=99).tok_s()
+
+
+def test_side_by_side_alternates_the_runs_and_gives_each_its_own_steps():
+    order: list[tuple[str, int]] = []
+    runs = {name: (lambda i, name=name: order.append((name, i))) for name in ("x", "y")}
+    tok_s = side_by_side(runs, steps=2, reps=3, warmup=1, tokens_per_step=10, device=torch.device("cpu"))
+    assert order == [("x", 0), ("y", 0), ("x", 1), ("x", 2), ("y", 1), ("y", 2), ("y", 3), ("y", 4), ("x", 3),
+                     ("x", 4), ("x", 5), ("x", 6), ("y", 5), ("y", 6)]
+    assert set(tok_s) == {"x", "y"}
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
 def test_torch_reference_has_attnlab_shape_and_is_causal(norm):
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=16, norm=norm)
-    reference = bench.TorchEncoderLM(cfg, 100).eval()
+    reference = TorchEncoderLM(cfg, 100).eval()
     assert sum(p.numel() for p in reference.parameters()) == count_parameters(cfg, 100)
-    assert sum(p.numel() for p in Transformer(cfg, 100).parameters()) == count_parameters(cfg, 100)
     idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
     changed[:, 9] = (changed[:, 9] + 1) % 100
@@ -62,108 +103,32 @@ def test_torch_reference_has_attnlab_shape_and_is_causal(norm):
     assert (after[:, 9] - before[:, 9]).abs().max() > 1e-4
 
 
-def test_synthetic_stream_is_fixed_and_learnable():
-    a, b = bench.synthetic_stream(300, 5000, seed=3), bench.synthetic_stream(300, 5000, seed=3)
-    assert a.dtype == np.uint16 and a.shape == (5000,) and a.max() < 300
-    assert np.array_equal(a, b)
-    # Structure: each token is followed by at most 4 distinct tokens outside the copied spans, so the
-    # bigram table is far sparser than for uniform noise.
-    successors = {(int(x), int(y)) for x, y in zip(a[:-1], a[1:])}
-    assert len(successors) < 0.5 * len(set(zip(np.random.default_rng(0).integers(0, 300, 5000)[:-1].tolist(),
-                                                np.random.default_rng(0).integers(0, 300, 5000)[1:].tolist())))
-
-
-@pytest.mark.parametrize(
-    ("args", "key"),
-    [(["--steps", "0"], "--steps"), (["--d-model", "30", "--n-heads", "4"], "model.d_model"),
-     (["--pe", "alibi"], "model.pe"), (["--mm-seconds", "0"], "--mm-seconds")],
-)
-def test_bad_bench_input_is_one_error_line(args, key, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert run_cli(bench.main, ["--device", "cpu", "--out", str(out), *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {key}:"), err
-    assert len(err.splitlines()) == 1
-    assert not out.exists()
-
-
-def test_quality_section_trains_both_models_and_scores_them_on_evaluates_windows(tmp_path, monkeypatch):
-    """`make bench`'s quality keys from a real run of the train stage's function and the reference GPT."""
-    from builders import TINY_TRAIN_PARAMS, write_params, write_tokens
-
-    monkeypatch.chdir(tmp_path)
-    write_tokens(tmp_path / "data" / "tokens")
-    write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS)
-    args = bench.parse_args(["--params", "params.yaml", "--set", "eval.max_tokens=640", "--set", "seed=3"])
-    results = bench.quality(args, log=print)
-    assert results["quality_val_tokens"] == 640
-    for key in ("quality_unigram_loss", "quality_attnlab_val_loss", "quality_reference_val_loss"):
-        assert 0 < results[key] < 10, key
-    assert results["quality_vs_reference"] == pytest.approx(
-        results["quality_attnlab_val_loss"] / results["quality_reference_val_loss"], abs=1e-3)
-    assert "seed 3" in results["quality_shape"]
-    # speed at the same shape in the same run: the stage's loop (validation left out), its bare step, the reference
-    for key in ("train_loop_tok_s", "bare_step_tok_s", "reference_loop_tok_s", "quality_reference_tok_s"):
-        assert np.isfinite(results[key]) and results[key] > 0, key
-    assert results["train_loop_eval_seconds"] >= 0
-    assert results["train_loop_windows"] >= 1 and results["train_loop_steps_timed"] >= results["train_loop_windows"]
-    assert results["train_loop_vs_step"] == pytest.approx(
-        results["train_loop_tok_s"] / results["bare_step_tok_s"], rel=1e-3)
-    assert results["stage_vs_reference_speed"] == pytest.approx(
-        results["train_loop_tok_s"] / results["reference_loop_tok_s"], rel=1e-3)
-    table = bench.format_table({"device": "cpu", **results})
-    assert "loop / bare step" in table and "stage loop / reference" in table
-
-
 def test_overrides_parse_as_dvc_set_does():
-    assert bench.parse_overrides(["model.d_model=128", "seed=2", "attention.seq_len_filter=[32,64]"]) == {
+    assert parse_overrides(["model.d_model=128", "seed=2", "attention.seq_len_filter=[32,64]"]) == {
         "model": {"d_model": 128}, "seed": 2, "attention": {"seq_len_filter": [32, 64]}}
     with pytest.raises(Exception, match="--set"):
-        bench.parse_overrides(["model.d_model"])
+        parse_overrides(["model.d_model"])
 
 
-def test_interleaved_timing_counts_each_side_apart_and_leaves_the_run_unchanged(tmp_path):
-    """bench_quality.Interleaved: partner steps run between the loop's windows are timed on their own, kept out of
-    the loop's time (as is validation), and change nothing in what the train stage computes."""
-    import time
-
-    from builders import TINY_TRAIN_PARAMS, write_params, write_tokens
-
-    from attnlab.core.params import load_params
-    from benchmarks.bench_quality import PARTNER_WARMUP, Interleaved, train_attnlab
-
-    tokens = write_tokens(tmp_path / "tokens")
-    tiny = {**TINY_TRAIN_PARAMS, "train": {**TINY_TRAIN_PARAMS["train"], "checkpoint_every_frac": 0.5}}
-    params = load_params(write_params(tmp_path / "params.yaml", tiny))  # flushes every 4 steps, checkpoints at 16
-    steps_per_run = params.train.max_tokens // (params.train.batch_size * params.model.seq_len)  # 32
-    calls: list[int] = []
-
-    def slow_partner(i: int) -> None:  # far slower than a tiny step, so its time counted twice would show
-        calls.append(i)
-        time.sleep(0.05)
-
-    timer = Interleaved({"slow": slow_partner}, tokens_per_step=256, device=torch.device("cpu"))
-    timed_metrics, timed_model = train_attnlab(params, tokens, on_flush=timer.on_flush)
-    plain_metrics, plain_model = train_attnlab(params, tokens)
-
-    log_every = params.train.log_every
-    assert timer.windows == steps_per_run // log_every - 1  # every flush but the first closes a window
-    assert timer.steps == steps_per_run - log_every
-    assert calls == list(range(PARTNER_WARMUP + timer.steps))  # warm-up, then one step per loop step, in order
-    assert timer.seconds["slow"] >= 0.05 * timer.steps
-    # The windows, the partner's runs and validation are disjoint spans of the loop's wall time (train.json's
-    # wall_seconds); had the partner's 1.4 s also been counted as the loop's, the sum would exceed it.
-    assert timer.seconds["loop"] + timer.seconds["slow"] + timed_metrics["eval_seconds"] \
-        <= timed_metrics["wall_seconds"] + 0.01
-    speeds = timer.tok_s()
-    assert speeds["slow"] == pytest.approx(timer.steps * 256 / timer.seconds["slow"])
-    assert timed_metrics["final_val_loss"] == plain_metrics["final_val_loss"]
-    for (name, a), b in zip(timed_model.state_dict().items(), plain_model.state_dict().values()):
-        assert torch.equal(a, b), name
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_quick_params_are_what_make_expands_quick_params_to(tmp_path):
+    """The Makefile is the quick profile's one definition: make's own expansion is the reference."""
+    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-f", "-", "--no-print-directory", "-n", "clean-venv"],
+                          input="$(info $(QUICK_PARAMS))\n", capture_output=True, text=True, cwd=tmp_path, check=True)
+    words = shlex.split(proc.stdout.splitlines()[0])
+    assert words[::2] == ["-S"] * (len(words) // 2)
+    assert quick_params() == parse_overrides(words[1::2])
+    assert quick_params()["attention"]["seq_len_filter"] == [32, 64]  # a quoted YAML list survives the parse
 
 
-def test_interleaved_timing_refuses_a_run_with_no_window():
-    from benchmarks.bench_quality import Interleaved
-
-    with pytest.raises(RuntimeError, match="no window"):
-        Interleaved({}, tokens_per_step=1, device=torch.device("cpu")).tok_s()
+@pytest.mark.parametrize(("args", "key"), [
+    (["--steps", "0"], "--steps"), (["--d-model", "30", "--n-heads", "4"], "model.d_model"),
+    (["--pe", "alibi"], "model.pe"), (["--mm-seconds", "0"], "--mm-seconds"), (["--set", "seed"], "--set"),
+])
+def test_bad_bench_input_is_one_error_line_before_any_run(args, key, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--params", str(ROOT / "params.yaml"), "--tokens", str(tmp_path), "--out", str(out)]
+    assert run_cli(bench.main, argv + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {key}:") and len(err.splitlines()) == 1, err
+    assert not out.exists() and not any(p.name != "bench.json" for p in tmp_path.iterdir())

@@ -1,8 +1,7 @@
-"""benchmarks/precision_seeds.py: fp32 against bf16 autocast over seeds, with the train stage's own function."""
+"""benchmarks/precision_seeds.py: the summary and table from hand-made runs, and bad input (real runs:
+tests/e2e/test_benchmarks.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
@@ -32,26 +31,6 @@ def test_summary_pairs_seeds_and_checks_the_fp32_range():
     table = precision_seeds.markdown(RUNS, summary)
     assert "| fp32 | 3.3600 | 3.3900 | 3.3700 | 3.3733 ± 0.0153 | 100 |" in table
     assert "| bf16 − fp32 | +0.0200 | +0.0100 | -0.0100 | +0.0067 | |" in table
-
-
-def test_real_runs_in_both_precisions_write_the_table(tmp_path, capsys):
-    from builders import TINY_TRAIN_PARAMS, write_params, write_tokens
-
-    tokens = write_tokens(tmp_path / "tokens")
-    params = write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS)
-    out = tmp_path / "precision.json"
-    precision_seeds.main(["--params", str(params), "--tokens", str(tokens), "--seeds", "1", "2", "--jobs", "2",
-                          "--set", "eval.max_tokens=640", "--out", str(out)])
-    result = json.loads(out.read_text())
-    runs = {(r["precision"], r["seed"]): r for r in result["runs"]}
-    assert set(runs) == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
-    for run in runs.values():
-        assert 0 < run["val_loss"] < 10 and run["val_tokens"] == 640 and run["threads"] >= 1
-    assert runs[("fp32", 1)]["val_loss"] != runs[("fp32", 2)]["val_loss"]  # the seed reaches the run
-    assert runs[("bf16", 1)]["val_loss"] != runs[("fp32", 1)]["val_loss"]  # so does the precision
-    assert result["summary"]["bf16_minus_fp32_by_seed"]["1"] == pytest.approx(
-        runs[("bf16", 1)]["val_loss"] - runs[("fp32", 1)]["val_loss"], abs=1e-4)
-    assert "| bf16 − fp32 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("args", "key"), [(["--jobs", "0"], "--jobs"), (["--seeds", "1", "1"], "--seeds"),

@@ -90,10 +90,22 @@ class Run:
         return self.paths.checkpoints / "ckpt.pt"
 
 
-def train(params: Params, paths: TrainPaths, on_flush: Callable[[Run], None] | None = None) -> dict:
+@dataclass(frozen=True)
+class LogEvent:
+    """What train() hands its `on_log` callback after each log flush, a host sync point: the time between two
+    events is the time of the steps between them (plus whatever the callback itself took)."""
+
+    step: int  # steps done
+    tokens: int  # training tokens seen (global batch)
+    train_seconds: float  # wall time since the loop started, validation excluded
+    loss: float  # training loss of the latest step
+
+
+def train(params: Params, paths: TrainPaths, on_log: Callable[[LogEvent], None] | None = None) -> dict:
     """Trains the model of `params` on the token files; writes the model, logs, metrics; returns the metrics.
 
-    on_flush(run), if given, runs right after each log flush (a host sync point), e.g. to time a window of steps.
+    on_log(event), if given, runs after each log flush (every train.log_every steps, and at checkpoints and the
+    end) with a LogEvent, e.g. to time windows of steps or to watch the loss.
     """
     run = set_up(params, paths)
     if run.start_step == 0 and run.world.is_main:  # the weights at initialization: attention before any training
@@ -113,8 +125,9 @@ def train(params: Params, paths: TrainPaths, on_flush: Callable[[Run], None] | N
             at_checkpoint = done % ckpt_every == 0
             if len(run.pending) == cfg.log_every or done == run.budget.steps or at_checkpoint:
                 flush_logs(run, bar, started)
-                if on_flush is not None:
-                    on_flush(run)
+                if on_log is not None:
+                    on_log(LogEvent(done, done * run.budget.tokens_per_step,
+                                    time.time() - started - run.eval_seconds, run.rows[-1][2]))
                 at_checkpoint = at_checkpoint or time_for_checkpoint(run)
             if done % eval_every == 0 or done == run.budget.steps:
                 validate(run, done)

@@ -1,0 +1,96 @@
+"""The benchmarks end to end, each a real run at a tiny shape: `make bench` writes every key of the committed
+reports/bench.json, timing the loop leaves its training unchanged, `make precision-seeds` trains in both
+precisions, `make gpu-check DRY_RUN=1` writes its report on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from builders import TINY_TRAIN_PARAMS, write_params, write_tokens
+
+from attnlab.core.params import load_params
+from attnlab.training.schedule import make_budget
+from benchmarks import bench, precision_seeds
+from benchmarks.common import LoopTimer, stage_step, train_stage
+from structure import ROOT
+
+pytestmark = pytest.mark.e2e
+
+TINY_BENCH = ["--d-model", "32", "--n-layers", "2", "--n-heads", "2", "--d-ff", "64", "--seq-len", "32",
+              "--batch-size", "2", "--steps", "2", "--reps", "1", "--warmup", "0", "--loss-steps", "4",
+              "--mm-size", "64", "--mm-seconds", "0.05", "--device", "cpu", "--bf16", "on"]
+BF16_KEYS = {  # written only where bf16 runs; reports/bench.json comes from a machine without native bf16
+    "train_tok_s_bf16", "torch_encoder_tok_s_bf16", "train_vs_torch_encoder_bf16", "matmul_peak_bf16_flop_s",
+    "bf16_peak_source", "matmul_bf16_vs_fp32", "achieved_flop_s_bf16", "mfu_bf16", "torch_encoder_mfu_bf16",
+    "loss_steps", "loss_token_source", "loss_fp32_final", "loss_bf16_final", "bf16_loss_gap",
+    "bf16_loss_gap_mean_abs", "seed_loss_gap", "bf16_within_noise", "loss_curve_fp32", "loss_curve_bf16",
+    "loss_curve_fp32_seed2",
+}
+
+
+def test_bench_writes_every_key_of_the_committed_report(tmp_path, capsys):
+    tokens = write_tokens(tmp_path / "tokens")
+    params = write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS)
+    out = tmp_path / "bench.json"
+    bench.main(TINY_BENCH + ["--tokens", str(tokens), "--params", str(params), "--set", "eval.max_tokens=640",
+                             "--set", "seed=3", "--out", str(out)])
+    results, committed = json.loads(out.read_text()), json.loads((ROOT / "reports/bench.json").read_text())
+    assert set(results) == set(committed) - {"bf16_skipped"} | BF16_KEYS
+    assert set(results["config"]) == set(committed["config"])
+    assert list(results["section_seconds"]) == list(committed["section_seconds"])
+    figures = {k: v for k, v in results.items() if isinstance(v, float)}
+    assert all(map(math.isfinite, figures.values())), figures
+    assert results["config"]["token_source"] == f"{tokens}/train.bin" and results["config"]["d_model"] == 32
+    assert results["quality_val_tokens"] == 640 and "seed 3" in results["quality_shape"]  # --set reaches quality
+    assert len(results["loss_curve_fp32"]) == len(results["loss_curve_fp32_seed2"]) == 4
+    assert "train_loop_vs_step" in capsys.readouterr().out
+
+
+def test_timing_the_loop_with_partners_leaves_its_training_unchanged(tmp_path):
+    tokens = write_tokens(tmp_path / "tokens")
+    few_evals = {**TINY_TRAIN_PARAMS["train"], "eval_every_frac": 0.5, "checkpoint_every_frac": 0.5}
+    params = load_params(write_params(tmp_path / "params.yaml", {**TINY_TRAIN_PARAMS, "train": few_evals}))
+    timer = LoopTimer({"bare_step": stage_step(params, tokens, tmp_path / "partner")})
+    timed_metrics, timed_model = train_stage(params, tokens, on_log=timer)
+    plain_metrics, plain_model = train_stage(params, tokens)
+    assert len(timer.windows) >= 2 and timer.tok_s()["bare_step"] > 0
+    assert timed_metrics["final_val_loss"] == plain_metrics["final_val_loss"]
+    for (name, a), b in zip(timed_model.state_dict().items(), plain_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_precision_seeds_trains_both_precisions_and_writes_the_table(tmp_path, capsys):
+    tokens = write_tokens(tmp_path / "tokens")
+    params = write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS)
+    out = tmp_path / "precision.json"
+    precision_seeds.main(["--params", str(params), "--tokens", str(tokens), "--seeds", "1", "2", "--jobs", "2",
+                          "--set", "eval.max_tokens=640", "--out", str(out)])
+    result = json.loads(out.read_text())
+    runs = {(r["precision"], r["seed"]): r for r in result["runs"]}
+    assert set(runs) == {("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)}
+    assert all(run["val_tokens"] == 640 for run in runs.values())
+    assert runs[("fp32", 1)]["val_loss"] != runs[("fp32", 2)]["val_loss"]  # the seed reaches the run
+    assert runs[("bf16", 1)]["val_loss"] != runs[("fp32", 1)]["val_loss"]  # so does the precision
+    assert "| bf16 − fp32 |" in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run_writes_its_report_on_the_cpu(tmp_path):
+    out = tmp_path / "reports" / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--params",
+                           str(ROOT / "params.yaml"), "--out", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"})
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and results["precision"] == "bf16" and results["compiled"] is False
+    assert results["timed_steps"] == 24 - 8  # the windows after the warm-up steps
+    study = load_params(ROOT / "params.yaml")  # the full study's budget, not the dry run's tiny one
+    assert results["full_study_tokens"] == make_budget(study, study.tokenizer.vocab_size).total_tokens
+    assert results["peak_source"] == "measured bf16 matmul" and math.isfinite(results["mfu"])
+    assert {f"{part}_seconds" for part in ("data", "matmul_peak", "train", "analysis", "wall")} <= set(results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]  # the rest lived in a temporary folder
