@@ -1,4 +1,4 @@
-"""`python -m attnlab.export models/model.pt --tokenizer data/tokenizer --out models/model_lens.pt`:
+"""`python -m attnlab.export models/model.pt --tokenizer data/tokenizer --out models/model_lens.pt` (`make lens`):
 check that the TransformerLens model reproduces the trained model's logits, then write its lens file, which
 `attnlab.export.load_lens` (or TransformerLens alone) opens in a notebook. A variant TransformerLens cannot express
 is refused with one `error: model.<key>: ...` line (exit status 2) before any work; without TransformerLens
