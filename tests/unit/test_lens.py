@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -290,6 +291,7 @@ def test_the_tokenizer_encodes_and_decodes_as_attnlab_does(boot, tokenizer_dir):
         ids = sp.encode(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == ids
         assert hf.decode(ids) == sp.decode(ids) == text
+    assert pickle.loads(pickle.dumps(hf))(TRICKY_TEXT, add_special_tokens=False)["input_ids"] == sp.encode(TRICKY_TEXT)
     bridge = to_lens(tiny_model(sp.get_piece_size(), seq_len=SEQ_LEN), tokenizer_dir)
     assert bridge.to_tokens(TRICKY_TEXT[:40])[0].tolist() == sp.encode(TRICKY_TEXT[:40])[:SEQ_LEN]  # no BOS
     assert bridge.to_string(sp.encode(TRICKY_TEXT)) == TRICKY_TEXT

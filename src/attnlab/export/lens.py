@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 from attnlab.core.errors import AttnlabError, ConfigError
 from attnlab.core.io import atomic_path
 from attnlab.core.params import ModelConfig, _build
-from attnlab.data.tokenizer import MODEL_FILE, load_tokenizer
+from attnlab.data.tokenizer import load_tokenizer
 from attnlab.model.checkpoint import model_from_state, unwrap
 from attnlab.model.transformer import Block, Transformer
 
@@ -165,22 +163,10 @@ def lens_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def hf_tokenizer(source: str | Path | bytes):
-    """attnlab's SentencePiece tokenizer (its folder, .model file or bytes) as the Hugging Face tokenizer
-    TransformerLens' to_tokens/to_string call: transformers' SentencePieceBackend over the same model, so text
-    encodes piece for piece as attnlab encodes it, and decodes losslessly (SentencePiece's own decode)."""
-    backend = _import("transformers").SentencePieceBackend
-
-    class AttnlabTokenizer(backend):
-        def convert_tokens_to_string(self, tokens: list[str]) -> str:
-            return self.sp_model.decode_pieces(list(tokens))  # the base class strips and drops byte pieces
-
+    """attnlab's tokenizer (data/tokenizer, its .model file or bytes) as the Hugging Face tokenizer TransformerLens
+    calls: the same pieces, a lossless decode (export/tokenizer.py)."""
     proto = source if isinstance(source, bytes) else load_tokenizer(source).serialized_model_proto()
-    sp = spm.SentencePieceProcessor(model_proto=proto)
-    with tempfile.TemporaryDirectory() as tmp:  # SentencePieceBackend reads a file
-        path = Path(tmp) / MODEL_FILE
-        path.write_bytes(proto)
-        return AttnlabTokenizer(vocab_file=str(path), legacy=True, clean_up_tokenization_spaces=False,
-                                unk_token=sp.id_to_piece(sp.unk_id()), eos_token=sp.id_to_piece(sp.eos_id()))
+    return _import("attnlab.export.tokenizer").from_proto(proto)
 
 
 def _boot(fields: dict, state_dict: dict, tokenizer, device: str | torch.device):
