@@ -25,7 +25,7 @@ import torch
 from builders import PROJECT, stage_env, tiny_model, train_sentencepiece, training_text
 
 from attnlab.analysis.capture import capture_attention
-from attnlab.core.errors import ConfigError
+from attnlab.core.errors import AttnlabError, ConfigError
 from attnlab.export import lens as lens_module
 from attnlab.export.lens import (
     INSTALL_HINT,
@@ -315,6 +315,16 @@ def test_the_command_writes_a_lens_file_that_opens_with_or_without_attnlab(boot,
     alone = boot(payload["config"])
     alone.load_state_dict(payload["state_dict"])
     assert max_logit_error(alone.eval(), model, idx) < LOGITS_ATOL
+
+
+def test_the_command_writes_nothing_when_the_logits_differ(boot, tmp_path, monkeypatch):
+    from attnlab.export import __main__ as command
+
+    save_model(tmp_path / "model.pt", tiny_model(VOCAB))
+    monkeypatch.setattr(command, "max_logit_difference", lambda model, bridge: 0.5)
+    with pytest.raises(AttnlabError, match="differ .* by 5.00e-01 .*nothing written"):
+        command.main([str(tmp_path / "model.pt"), "--out", str(tmp_path / "lens.pt")])
+    assert not (tmp_path / "lens.pt").exists()
 
 
 def readme_lens_lines() -> str:
