@@ -16,13 +16,26 @@ QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sam
 	-S probe.n_examples=16
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: venv run quick test bench bench-compile gpu-check precision-seeds compare sweep results clean-venv
+# The project's optional extras to install (pyproject.toml): dev = the test tools; lens = TransformerLens, for
+# `make lens` and its tests (CI installs both: .ci/run). The venv is reinstalled when EXTRAS changes.
+EXTRAS ?= dev
 
-$(BIN)/.installed: pyproject.toml
+.PHONY: venv run quick test lens bench bench-compile gpu-check precision-seeds compare sweep results clean-venv FORCE
+
+# Holds the EXTRAS of the last install; rewritten (which makes .installed out of date) only when they change.
+$(BIN)/.extras: FORCE
+	@mkdir -p $(BIN)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(EXTRAS)" ] || echo "$(EXTRAS)" > $@
+FORCE:
+
+# The installed torch is passed as a constraint to the project's install, so that no dependency (an extra's
+# included) can replace it with another build.
+$(BIN)/.installed: pyproject.toml $(BIN)/.extras
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > $(BIN)/.torch-constraint
+	$(BIN)/python -m pip install -q -c $(BIN)/.torch-constraint -e ".[$(EXTRAS)]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -35,6 +48,11 @@ quick: venv  ## the whole pipeline with the small CPU profile, applied as a DVC 
 
 test: venv  ## the test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+# `make lens`: models/model.pt as a TransformerLens model file (+ the tokenizer) for notebooks: README, "TransformerLens".
+lens: EXTRAS = dev,lens
+lens: venv  ## models/model.pt -> models/model_lens.pt, opens in TransformerLens (installs the lens extra)
+	$(BIN)/python -m attnlab.export models/model.pt --tokenizer data/tokenizer --out models/model_lens.pt
 
 bench: venv  ## throughput figures + quality against a reference GPT at the quick shape -> reports/bench.json
 	$(BIN)/python -m benchmarks.bench --out reports/bench.json $(subst -S ,--set ,$(QUICK_PARAMS))
