@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     params = load_params(args.params)  # bad params fail here, before torch and matplotlib are imported
-    from attnlab.analysis.interventions import run_interventions
+    from attnlab.analysis.intervention_sweep import run_interventions
     from attnlab.core.io import atomic_path, write_json, write_text
     from attnlab.report.plots_interventions import write_intervention_figures
 

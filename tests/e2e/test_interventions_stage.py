@@ -19,7 +19,8 @@ from builders import train_sentencepiece, training_text, write_model, write_toke
 from attnlab.analysis.capture import explicit_attention
 from attnlab.analysis.evaluate import samples_markdown as evaluate_samples
 from attnlab.analysis.generate import generate
-from attnlab.analysis.interventions import MeanAblate, evaluate, head_means, intervention_starts, make_batches
+from attnlab.analysis.intervention_sweep import intervention_starts, make_batches
+from attnlab.analysis.interventions import MeanAblate, mean_head_outputs, score_intervened
 from attnlab.data.tokens import example_starts, load_tokens
 from attnlab.model.checkpoint import load_model
 from attnlab.report.plots_interventions import INTERVENTION_FIGURES, write_intervention_figures
@@ -163,8 +164,8 @@ def test_mean_ablation_uses_means_from_the_train_split(workdir, stage_run):
     }
     metrics = json.loads((workdir / "reports/interventions.json").read_text())
     for split, should_match in (("train", True), ("val", False)):
-        means = head_means(model, batches[split])
-        loss = evaluate(model, batches["val"], {(1, 2): MeanAblate(means)}).loss
+        means = mean_head_outputs(model, batches[split])
+        loss = score_intervened(model, batches["val"], {(1, 2): MeanAblate(means)}).loss
         assert (loss == pytest.approx(metrics["mean_ablate"]["L1H2"]["loss"], abs=1e-6)) is should_match, split
 
 

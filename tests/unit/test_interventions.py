@@ -11,19 +11,16 @@ import torch
 from builders import tiny_model
 
 from attnlab.analysis.capture import capture_attention, capture_points, explicit_attention
+from attnlab.analysis.intervention_sweep import make_batches, metrics_from_table, results_table, sweep_rows
 from attnlab.analysis.interventions import (
     MeanAblate,
     Temperature,
     TopK,
     Uniform,
     entropy_bits,
-    evaluate,
-    head_means,
     intervene,
-    make_batches,
-    metrics_from_table,
-    results_table,
-    sweep_rows,
+    mean_head_outputs,
+    score_intervened,
 )
 
 B, T, VOCAB = 3, 24, 61
@@ -226,10 +223,10 @@ def test_top_1_breaks_a_constructed_tie_towards_the_lowest_key():
 # ------------------------------------------------------------------------------------------ MeanAblate
 
 
-def test_head_means_match_a_loop_over_windows(model):
+def test_mean_head_outputs_match_a_loop_over_windows(model):
     gen = torch.Generator().manual_seed(5)
     batches = [(torch.randint(0, VOCAB, (n, T), generator=gen), torch.zeros(n, T, dtype=torch.long)) for n in (2, 3)]
-    means = head_means(model, batches)  # (L, H, Dh)
+    means = mean_head_outputs(model, batches)  # (L, H, Dh)
     outs = []
     for inputs, _ in batches:
         for window in inputs:
@@ -326,7 +323,7 @@ def test_entropy_bits_closed_forms():
     assert torch.equal(entropy_bits(torch.eye(6)), torch.zeros(6))  # one-hot rows: 0 bits, no NaN from 0 log 0
 
 
-def test_evaluate_matches_a_per_window_loop_and_is_batch_independent(model):
+def test_score_intervened_matches_a_per_window_loop_and_is_batch_independent(model):
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=7 * T + 1).astype(np.uint16)
     starts = np.arange(7) * T
     loss_loop, entropy_loop = [], []
@@ -341,15 +338,15 @@ def test_evaluate_matches_a_per_window_loop_and_is_batch_independent(model):
                 p = pattern[0, h, t, : t + 1].double()
                 entropy_loop.append(-(p * torch.log2(p)).nansum().item())
     for batch_size in (1, 3, 7):
-        result = evaluate(model, make_batches(tokens, starts, T, batch_size, "cpu"))
+        result = score_intervened(model, make_batches(tokens, starts, T, batch_size, "cpu"))
         assert result.n_tokens == 7 * T
         assert result.loss == pytest.approx(np.mean(loss_loop), abs=1e-5)
         assert result.ppl == pytest.approx(math.exp(np.mean(loss_loop)), rel=1e-5)
         assert result.mean_entropy_bits == pytest.approx(np.mean(entropy_loop), abs=1e-6)
 
 
-def test_evaluate_uniform_entropy_is_the_mean_of_log2_keys(model, idx):
-    result = evaluate(model, [(idx, idx)], all_heads(model, Uniform()))
+def test_score_intervened_uniform_entropy_is_the_mean_of_log2_keys(model, idx):
+    result = score_intervened(model, [(idx, idx)], all_heads(model, Uniform()))
     assert result.mean_entropy_bits == pytest.approx(np.mean(np.log2(np.arange(1, T + 1))), abs=1e-6)  # float32 weights
 
 
@@ -361,7 +358,7 @@ def test_sweep_rows_table_and_metrics_layout(model, idx):
         ("temperature", "0.5"), ("temperature", "1.0"), ("top_k", "1"),
     ]  # fmt: skip
     assert len(rows) == 2 + 2 + 2 + 2 + 8
-    results = [evaluate(model, [(idx, idx)], row.edits) for row in rows]
+    results = [score_intervened(model, [(idx, idx)], row.edits) for row in rows]
     table = results_table(rows, results)
     metrics = metrics_from_table(table)
     assert list(metrics) == ["baseline", "uniform_all", "uniform_layer", "temperature", "top_k", "mean_ablate"]

@@ -1,4 +1,4 @@
-"""Figures of the interventions stage: the results table (attnlab.analysis.interventions.results_table) in, a
+"""Figures of the interventions stage: the results table (attnlab.analysis.intervention_sweep.results_table) in, a
 Figure out.
 
 Each function draws one figure and returns it; write_intervention_figures draws each figure of DRAW and saves
