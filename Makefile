@@ -20,7 +20,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # `make lens` and its tests (CI installs both: .ci/run). The venv is reinstalled when EXTRAS changes.
 EXTRAS ?= dev
 
-.PHONY: venv run quick test lens bench bench-compile gpu-check precision-seeds compare sweep results clean-venv FORCE
+.PHONY: venv run quick test test-fast lens bench bench-compile gpu-check precision-seeds compare sweep results clean-venv FORCE
 
 # Holds the EXTRAS of the last install; rewritten (which makes .installed out of date) only when they change.
 $(BIN)/.extras: FORCE
@@ -48,6 +48,9 @@ quick: venv  ## the whole pipeline with the small CPU profile, applied as a DVC 
 
 test: venv  ## the test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
+
+test-fast: venv  ## the unit tests alone (no e2e: no stage subprocess, no dvc, no training run), for a quick loop
+	$(BIN)/python -m pytest -n 2 -m "not e2e"
 
 # `make lens`: models/model.pt as a TransformerLens model file (+ the tokenizer) for notebooks: README, "TransformerLens".
 lens: EXTRAS = dev,lens

@@ -92,11 +92,6 @@ def synthetic_tokens(folder: Path, vocab_size: int, n_tokens: int, seq_len: int,
     return folder
 
 
-def train_paths(folder: Path, tokens: str | Path) -> loop.TrainPaths:
-    folder = Path(folder)
-    return loop.TrainPaths(tokens=Path(tokens), model=folder / "model.pt", checkpoints=folder / "checkpoints",
-                           log=folder / "log.tsv", val_log=folder / "val.tsv", metrics=folder / "train.json",
-                           snapshots=folder / "snapshots")
 
 
 def stage_step(params: Params, tokens: str | Path, folder: Path, model: torch.nn.Module | None = None,
@@ -104,7 +99,7 @@ def stage_step(params: Params, tokens: str | Path, folder: Path, model: torch.nn
     """Step i of the train stage (loop.train_step: batch i, schedule, autocast, clipping, AdamW) after its own
     set-up (loop.set_up, outputs in `folder`); on `model` instead, with the stage's optimizer, if given; through
     torch.compile as the stage compiles on CUDA, if asked."""
-    run = loop.set_up(params, train_paths(folder, tokens))
+    run = loop.set_up(params, loop.TrainPaths.under(folder, tokens))
     if model is not None:
         model = model.to(run.device)
         optimizer = make_optimizer(model, params.train, run.device)
@@ -118,7 +113,7 @@ def train_stage(params: Params, tokens: str | Path,
                 on_log: Callable[[loop.LogEvent], None] | None = None) -> tuple[dict, torch.nn.Module]:
     """The train stage's own function in a temporary folder: (train.json's metrics, the trained model on CPU)."""
     with tempfile.TemporaryDirectory(prefix="attnlab-bench-") as tmp:
-        paths = train_paths(Path(tmp), tokens)
+        paths = loop.TrainPaths.under(Path(tmp), tokens)
         metrics = loop.train(params, paths, on_log)
         model, _ = load_model(paths.model, "cpu")
     return metrics, model

@@ -37,7 +37,7 @@ from attnlab.data.tokens import load_meta
 from attnlab.model.transformer import flops_per_token
 from attnlab.training import loop
 from attnlab.training.schedule import make_budget
-from benchmarks.common import LoopTimer, matmul_flops, peak_rss_mb, table_bf16_peak, train_paths
+from benchmarks.common import LoopTimer, matmul_flops, peak_rss_mb, table_bf16_peak
 
 TOKENS_DIR = Path("data/tokens")  # what `dvc repro tokenize` writes
 STEPS = {False: 300, True: 24}  # default --steps: on the GPU, on the dry run
@@ -116,7 +116,7 @@ def train_timed(params: Params, tokens_dir: Path, tmp: Path, warmup_steps: int) 
         torch.cuda.reset_peak_memory_stats(device)
     timer = LoopTimer(device=device, after_step=warmup_steps)
     start = time.perf_counter()
-    metrics = loop.train(params, train_paths(tmp, tokens_dir), on_log=timer)
+    metrics = loop.train(params, loop.TrainPaths.under(tmp, tokens_dir), on_log=timer)
     seconds = time.perf_counter() - start
     memory, memory_source = peak_memory_mb(device)
     tok_s = timer.tok_s()["loop"]

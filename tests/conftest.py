@@ -6,8 +6,8 @@ End-to-end tests take the session-scoped `dvc_project` fixture and are marked
     @pytest.mark.xdist_group("e2e")
 
 so that `pytest -n 2 --dist loadgroup` runs them all on one worker, sharing one pipeline run. The fixture
-runs `dvc repro` for whatever dvc.yaml holds, with TINY_PARAMS merged into params.yaml; later issues add
-their stages to dvc.yaml and their tiny overrides to TINY_PARAMS.
+runs `dvc repro` for whatever dvc.yaml holds, with TINY_PARAMS merged into params.yaml; a new stage adds
+its tiny overrides to TINY_PARAMS.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+E2E_DIR = ROOT / "tests" / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e is an e2e test (real stages, real dvc, real training runs): `make test-fast`
+    (-m "not e2e") leaves them out; tests/unit holds only tests that run in-process on tiny inputs."""
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
 
 # ------------------------------------------------------------------------------------------------ tiny corpus
 
@@ -92,7 +103,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------ tiny params
 
-# Overrides that make the whole pipeline tiny (seconds on a CPU). Later issues add their sections' overrides.
+# Overrides that make the whole pipeline tiny (seconds on a CPU); a new section adds its own here.
 TINY_PARAMS = {
     "corpus": {"max_mb": 1},
     "tokenizer": {"vocab_size": 512, "sample_mb": 1},

@@ -17,24 +17,25 @@ from attnlab.core.params import Params, load_params, params_to_dict
 
 
 def describe(params: Params, tokens_meta: Path | None = Path("data/tokens/meta.json")) -> dict:
-    """What the config implies: parameter count, token budget, tokens per epoch when known."""
-    from attnlab.model.transformer import count_parameters
+    """What the config implies: parameter count, token budget (whole steps, as training runs it), tokens per
+    epoch when known."""
+    from attnlab.training.schedule import make_budget
 
-    n_params = count_parameters(params.model, params.tokenizer.vocab_size)
-    budget = params.train.max_tokens or int(params.train.tokens_per_param * n_params)
+    budget = make_budget(params, params.tokenizer.vocab_size)
     implied = {
-        "n_params": n_params,
+        "n_params": budget.n_params,
         "d_head": params.model.d_head,
-        "train_tokens_budget": budget,
+        "train_tokens_budget": budget.total_tokens,
         "budget_source": "train.max_tokens" if params.train.max_tokens else "train.tokens_per_param",
-        "tokens_per_param": round(budget / n_params, 3),
-        "tokens_per_step": params.train.batch_size * params.model.seq_len,
-        "steps": max(1, budget // (params.train.batch_size * params.model.seq_len)),
+        "tokens_per_param": round(budget.total_tokens / budget.n_params, 3),
+        "tokens_per_step": budget.tokens_per_step,
+        "steps": budget.steps,
+        "warmup_steps": budget.warmup_steps,
     }
     if tokens_meta is not None and tokens_meta.exists():
         meta = json.loads(tokens_meta.read_text())
         implied["tokens_per_epoch"] = meta["train"]["tokens"]
-        implied["epochs"] = round(budget / max(1, meta["train"]["tokens"]), 3)
+        implied["epochs"] = round(budget.total_tokens / max(1, meta["train"]["tokens"]), 3)
     else:
         implied["tokens_per_epoch"] = "unknown until the tokenize stage has run"
     return implied

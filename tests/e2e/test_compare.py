@@ -26,7 +26,7 @@ from attnlab.report.compare.grid import Selection
 from attnlab.report.compare.render import render
 
 # One worker builds the toy repository (a module fixture) and runs every test of this file on it.
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("compare")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("compare")]
 
 METRICS_SCRIPT = """\
 import json, pathlib, yaml

@@ -30,7 +30,6 @@ def _train(tmp_path, name, nproc, backend="auto"):
     return run_stage("train.py", *_train_args(tmp_path, name, nproc, backend), cwd=tmp_path)
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_and_a_killed_two_process_run_resumes_under_one(tmp_path):
     write_tokens(tmp_path / "tokens")
     one = _train(tmp_path, "one", 1)

@@ -37,9 +37,7 @@ def run(tmp_path_factory) -> Path:
     overrides["attention"].update(n_examples=N_EXAMPLES, batch_size=4)
     params = load_params(write_params(root / "params.yaml", overrides))
     out = root / "run"
-    train(params, TrainPaths(tokens=root / "tokens", model=out / "model.pt", checkpoints=out / "checkpoints",
-                             log=out / "log.tsv", val_log=out / "val.tsv", metrics=out / "train.json",
-                             snapshots=out / "snapshots"))
+    train(params, TrainPaths.under(out, root / "tokens"))
     stats = attention_stats(params, out / "model.pt", root / "tokens", root / "attention")
     (root / "reports").mkdir()
     (root / "reports" / "attention.json").write_text(json.dumps(stats["metrics"]))

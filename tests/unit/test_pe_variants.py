@@ -1,4 +1,4 @@
-"""Positional-encoding variants and non-linear Q/K/V heads (issue 6).
+"""Positional-encoding variants and non-linear Q/K/V heads.
 
 Every variant: shapes, causality, explicit path == SDPA, parameter count == numel. model.pe=complex against a
 loop reference in complex128 and the properties its docstring derives. qkv_nonlinear against a loop MLP.

@@ -1,4 +1,4 @@
-"""attnlab.scoring and the recipe pieces of issue "trustworthy results", each against a plain reference:
+"""attnlab.model.scoring and the training recipe's pieces, each against a plain reference:
 the one scoring function, the unigram baseline, evaluate's window choice, the schedule's floor, weight decay
 by name, the warmup floor and the not-learning warning."""
 

@@ -65,9 +65,7 @@ def test_save_list_prune_round_trip(tmp_path):
 
 
 def _paths(root: Path) -> TrainPaths:
-    return TrainPaths(tokens=root / "tokens", model=root / "model.pt", checkpoints=root / "checkpoints",
-                      log=root / "log.tsv", val_log=root / "val.tsv", metrics=root / "train.json",
-                      snapshots=root / "snapshots")
+    return TrainPaths.under(root, root / "tokens")
 
 
 def _train_in_process(root: Path, **train_overrides) -> dict:

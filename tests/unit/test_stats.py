@@ -1,4 +1,4 @@
-"""attnlab.stats against a plain loop reference, closed forms, and the streaming invariants."""
+"""attnlab.analysis.stats against a plain loop reference, closed forms, and the streaming invariants."""
 
 from __future__ import annotations
 

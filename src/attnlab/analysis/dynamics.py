@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.analysis.stats import HEADS_SPLIT, batch_stats, stage_examples
 from attnlab.core.device import pick_device
 from attnlab.core.errors import ConfigError
@@ -115,7 +115,7 @@ def attention_dynamics(params: Params, snapshots_dir: str | Path, tokens_dir: st
                           "initialization and every validation point (dvc repro train)")
     device = pick_device(params.train.device)
     frames, examples, shape = [], None, None
-    for step, path in tqdm(snapshots, desc="attention dynamics", unit="snapshot", disable=not progress):
+    for step, path in progress_bar(snapshots, desc="attention dynamics", unit="snapshot", disable=not progress):
         model, meta = load_model(path, device)  # float16 weights into the float32 model
         if examples is None:
             shape = (model.cfg, model.vocab_size)

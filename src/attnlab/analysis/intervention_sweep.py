@@ -15,8 +15,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.analysis.capture import explicit_attention
 from attnlab.analysis.generate import generate, prompt_seed
 from attnlab.analysis.interventions import (
@@ -183,7 +183,7 @@ def run_interventions(
 
     means = mean_head_outputs(model, mean_batches)  # (L, H, Dh), from the train split only
     rows = sweep_rows(model.cfg.n_layers, model.cfg.n_heads, cfg.temperatures, cfg.top_k, means)
-    results = [score_intervened(model, val_batches, row.edits) for row in tqdm(rows, desc="interventions", unit="row")]
+    results = [score_intervened(model, val_batches, row.edits) for row in progress_bar(rows, desc="interventions", unit="row")]
     table = results_table(rows, results)
     return InterventionRun(
         table=table,

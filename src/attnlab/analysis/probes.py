@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.analysis.capture import capture_points
 from attnlab.core.errors import ConfigError
 from attnlab.data.tokens import check_length, example_starts, load_tokens, windows
@@ -133,7 +133,7 @@ def residual_activations(model: Transformer, idx: torch.Tensor, batch_size: int)
     points = residual_points(model)
     device = next(model.parameters()).device
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in points}
-    for start in tqdm(range(0, len(idx), batch_size), desc="residual stream", unit="batch", leave=False):
+    for start in progress_bar(range(0, len(idx), batch_size), desc="residual stream", unit="batch", leave=False):
         with capture_points(model, list(points.values())) as cache:
             model(idx[start : start + batch_size].to(device))
         for name, module_name in points.items():

@@ -29,8 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.analysis.capture import capture_attention
 from attnlab.analysis.stats_files import EXAMPLES_FILE, PATTERNS_FILE, STATS_FILE
 from attnlab.core.device import pick_device
@@ -224,7 +224,7 @@ def stream_attention_stats(
     grid = _grid(L, H, T)  # layer, head, position of one example's rows, (L*H*T,) each
     n_batches = sum(math.ceil(len(ex) / batch_size) for ex in examples.values())
     n_done = 0
-    bar = tqdm(total=n_batches, desc="attention stats", unit="batch", disable=not progress)
+    bar = progress_bar(total=n_batches, desc="attention stats", unit="batch", disable=not progress)
     for split_code, (split, idx) in enumerate(examples.items()):
         sums = {name: 0.0 for name in STAT_NAMES}
         for first in range(0, len(idx), batch_size):

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import atomic_dir, write_bytes, write_json
 from attnlab.core.params import CorpusConfig
@@ -160,7 +160,7 @@ def gather(sources: list[Source], max_mb: float, max_file_kb: int) -> tuple[list
     skipped: list[dict] = []
     first_by_hash: dict[str, str] = {}
     total = 0
-    with tqdm(total=budget, unit="B", unit_scale=True, desc="corpus", leave=False) as bar:
+    with progress_bar(total=budget, unit="B", unit_scale=True, desc="corpus", leave=False) as bar:
         for source in sources:
             for rel in python_files(source.root):
                 if total >= budget:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
-from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import atomic_dir, write_bytes, write_json
 from attnlab.core.params import TokenizerConfig
@@ -144,7 +144,7 @@ def encode_documents(sp: spm.SentencePieceProcessor, documents: list[str], desc:
         raise ConfigError("tokenizer.vocab_size", f"{sp.get_piece_size()} pieces do not fit uint16 token ids")
     parts: list[np.ndarray] = []
     total_bytes = sum(len(d.encode("utf-8")) for d in documents)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+    with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
         for batch in _batches(documents, ENCODE_BATCH_BYTES):
             for ids in sp.encode(batch, num_threads=2):
                 parts.append(np.asarray(ids, dtype=np.uint16))

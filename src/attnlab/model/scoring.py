@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.data.tokens import windows
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), next-token targets (B, T), int64
@@ -55,7 +55,7 @@ def score_batches(
     device = next(model.parameters()).device
     position_sum: torch.Tensor | None = None  # (T,) float64 loss summed over windows
     position_count: torch.Tensor | None = None  # (T,) windows that reach each position
-    for inputs, targets in tqdm(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False):
+    for inputs, targets in progress_bar(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False):
         logits = model(inputs)  # (B, T, V)
         losses = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
         T = targets.shape[1]

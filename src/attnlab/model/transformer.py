@@ -8,7 +8,7 @@ needs its own (model.pe=complex, non-linear Q/K/V heads).
 Attention has two paths with the same result:
 - fused: torch.nn.functional.scaled_dot_product_attention (used for training and plain inference);
 - explicit: scores -> causal mask -> softmax -> weights @ V, with the scores and weights passed through
-  named identity modules (``hook_scores``, ``hook_pattern``) so that attnlab.capture can read or edit them.
+  named identity modules (``hook_scores``, ``hook_pattern``) so that attnlab.analysis.capture can read or edit them.
 The explicit path runs whenever a hook is registered on those points, or ``force_explicit`` is set; the
 model's forward signature and return type never change.
 
@@ -116,14 +116,6 @@ class CausalSelfAttention(nn.Module):
     @property
     def rope_sin(self) -> torch.Tensor:
         return self.rope_turn.imag  # (T, rope_dim/2)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Models saved before the fused projection hold q_proj/k_proj/v_proj.linear: stack them into qkv."""
-        for kind in ("weight", "bias"):
-            parts = [f"{prefix}{name}_proj.linear.{kind}" for name in "qkv"]
-            if self.fused and all(part in state_dict for part in parts):
-                state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(part) for part in parts])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def explicit(self) -> bool:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from attnlab.core.progress import progress_bar
 from attnlab.model.scoring import score_windows, unigram_loss, window_targets
 from attnlab.core.device import keep_freed_memory, pick_device
 from attnlab.core.errors import AttnlabError, ConfigError
@@ -52,6 +53,15 @@ class TrainPaths:
     val_log: Path  # validation loss against tokens seen
     metrics: Path  # reports/train.json
     snapshots: Path  # persistent folder: float16 weights at init and every validation point (attnlab.model.snapshots)
+
+    @classmethod
+    def under(cls, folder: str | Path, tokens: str | Path) -> TrainPaths:
+        """One run's outputs laid out in `folder` (model.pt, checkpoints/, log.tsv, val.tsv, train.json,
+        snapshots/), for runs outside the pipeline (benchmarks, tests); the train stage names each path."""
+        folder = Path(folder)
+        return cls(tokens=Path(tokens), model=folder / "model.pt", checkpoints=folder / "checkpoints",
+                   log=folder / "log.tsv", val_log=folder / "val.tsv", metrics=folder / "train.json",
+                   snapshots=folder / "snapshots")
 
 
 @dataclass
@@ -113,7 +123,7 @@ def train(params: Params, paths: TrainPaths, on_log: Callable[[LogEvent], None] 
     cfg = params.train
     ckpt_every = max(1, int(round(cfg.checkpoint_every_frac * run.budget.steps)))
     eval_every = max(1, int(round(cfg.eval_every_frac * run.budget.steps)))
-    bar = tqdm(total=run.budget.steps, initial=run.start_step, unit="step", disable=not run.world.is_main,
+    bar = progress_bar(total=run.budget.steps, initial=run.start_step, unit="step", disable=not run.world.is_main,
                dynamic_ncols=True)
     started, step = time.time(), run.start_step
     run.train_model.train()  # once here, and again after each validation's eval-mode passes
