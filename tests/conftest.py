@@ -31,8 +31,8 @@ E2E_DIR = ROOT / "tests" / "e2e"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/e2e is an e2e test (real stages, real dvc, real training runs): `make test-fast`
-    (-m "not e2e") leaves them out; tests/unit holds only tests that run in-process on tiny inputs."""
+    """Every test under tests/e2e is an e2e test (real stages, real dvc, real training runs); a few in
+    tests/unit that run a subprocess carry the mark themselves. `make test-fast` (-m "not e2e") leaves them out."""
     for item in items:
         if E2E_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)

@@ -145,6 +145,7 @@ def test_listed_heads_without_non_linear_parts_are_linear_and_export(boot):
 
 
 @pytest.mark.parametrize("pe", ["rope", "learned"])
+@pytest.mark.e2e  # a subprocess or a long reference run: make test, not test-fast
 def test_every_mapped_tensor_reaches_the_logits(boot, pe):
     """Perturb one tensor of the mapped state dict at a time: the logit comparison fails for each, so the
     matching logits above check every tensor's mapping (embedding scale, tied head, Q/K/V split, biases, norms)."""
@@ -242,6 +243,7 @@ def test_a_refused_variant_gets_one_line_before_any_work(tmp_path, no_work, over
     assert not (tmp_path / "lens.pt").exists()
 
 
+@pytest.mark.e2e  # a subprocess or a long reference run: make test, not test-fast
 def test_the_command_refuses_with_one_line_and_writes_nothing(tmp_path):
     save_model(tmp_path / "model.pt", tiny_model(VOCAB, pe="complex"))
     out = tmp_path / "lens.pt"
@@ -262,6 +264,7 @@ def test_without_the_extra_the_error_says_how_to_install_it(monkeypatch):
     assert INSTALL_HINT == 'pip install -e ".[lens]"'
 
 
+@pytest.mark.e2e  # a subprocess or a long reference run: make test, not test-fast
 def test_importing_the_export_package_imports_no_transformer_lens():
     code = ("import sys, attnlab.export, attnlab.export.lens, attnlab.export.__main__; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformer_lens', 'transformers')))")
@@ -297,6 +300,7 @@ def test_the_tokenizer_encodes_and_decodes_as_attnlab_does(boot, tokenizer_dir):
     assert bridge.to_string(sp.encode(TRICKY_TEXT)) == TRICKY_TEXT
 
 
+@pytest.mark.e2e  # a subprocess or a long reference run: make test, not test-fast
 def test_the_command_writes_a_lens_file_that_opens_with_or_without_attnlab(boot, tokenizer_dir, tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
     model = trained(tiny_model(sp.get_piece_size(), seed=0, pe="learned", seq_len=SEQ_LEN))

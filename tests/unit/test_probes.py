@@ -179,6 +179,7 @@ def run_stage(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True)
 
 
+@pytest.mark.e2e  # a subprocess or a long reference run: make test, not test-fast
 def test_stages_write_figures_and_metrics(tmp_path):
     write_inputs(tmp_path, n_examples=6)
     proc = run_stage(tmp_path, str(REPO / "stages/position_analysis.py"), "--params", "params.yaml",
@@ -204,6 +205,7 @@ def test_stages_write_figures_and_metrics(tmp_path):
     (1, "models/model.pt", "error: probe.n_examples: 1: the held-out probe needs at least 2 windows"),
     (4, "models/missing.pt", "error: models/missing.pt: model file not found"),
 ])
+@pytest.mark.e2e  # a subprocess or a long reference run: make test, not test-fast
 def test_position_stage_bad_input_is_one_line(tmp_path, n_examples, model, message):
     write_inputs(tmp_path, n_examples=n_examples)
     proc = run_stage(tmp_path, str(REPO / "stages/position_analysis.py"), "--params", "params.yaml",
