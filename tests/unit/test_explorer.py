@@ -4,6 +4,7 @@ The browser half is tests/e2e/test_explorer_browser.py."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -19,15 +20,24 @@ from attnlab.core.errors import ConfigError
 from attnlab.core.params import load_params
 from attnlab.model.checkpoint import save_model
 from attnlab.report.explorer import (
+    WEIGHT_DTYPE,
     explorer_html,
     explorer_size_bytes,
     lower_triangle,
     pack_weights,
     script_json,
-    unpack_weights,
 )
 
 SEQ_LEN, N_EXAMPLES = 24, 3
+
+
+def unpack_weights(text: str, n_layers: int, n_heads: int, n_tokens: int) -> np.ndarray:
+    """pack_weights undone, as the page's script reads it: (L, H, n, n) float32, zero above the diagonal."""
+    tri = np.frombuffer(base64.b64decode(text), dtype=WEIGHT_DTYPE).astype(np.float32)
+    out = np.zeros((n_layers, n_heads, n_tokens, n_tokens), dtype=np.float32)
+    rows, cols = np.tril_indices(n_tokens)
+    out[..., rows, cols] = tri.reshape(n_layers, n_heads, -1)
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -42,15 +42,6 @@ def pack_weights(weights: np.ndarray) -> str:
     return base64.b64encode(lower_triangle(weights).astype(WEIGHT_DTYPE).tobytes()).decode("ascii")
 
 
-def unpack_weights(text: str, n_layers: int, n_heads: int, n_tokens: int) -> np.ndarray:
-    """pack_weights undone (tests, notebooks): (L, H, n, n) float32, zero above the diagonal."""
-    tri = np.frombuffer(base64.b64decode(text), dtype=WEIGHT_DTYPE).astype(np.float32)
-    out = np.zeros((n_layers, n_heads, n_tokens, n_tokens), dtype=np.float32)
-    rows, cols = np.tril_indices(n_tokens)
-    out[..., rows, cols] = tri.reshape(n_layers, n_heads, -1)
-    return out
-
-
 def explorer_size_bytes(n_examples: int, n_layers: int, n_heads: int, n_tokens: int) -> int:
     """The weights' share of the page in bytes (base64 of float16 lower triangles); the rest is a few KB plus
     the token text."""
