@@ -275,7 +275,7 @@ def flush_logs(run: Run, bar: tqdm, started: float) -> None:
     tok_s = (done - run.start_step) * run.budget.tokens_per_step / train_seconds
     if run.world.is_main:
         append_log(run.paths.log, new_rows)
-        bar.set_postfix(loss=f"{new_rows[-1][2]:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.set_postfix(loss=f"{new_rows[-1][2]:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)  # drawn at the bar's own pace
     if done - run.start_step >= 2 * run.params.train.log_every and not run.warned_long:  # a measured speed
         warn_if_long(run.log, run.budget, done, run.budget.tokens_per_step / tok_s)
         run.warned_long = True
