@@ -106,3 +106,8 @@ def test_an_edit_in_a_named_source_folder_reruns_the_corpus_and_nothing_else_doe
     fingerprint = json.loads((project.path / "data/sources.json").read_text())
     assert manifest["sources_fingerprint"] == fingerprint
     assert [s["root"] for s in fingerprint["sources"]] == [str(corpus.resolve())]
+
+    (project.path / "data/sources.json").unlink()  # as after `dvc exp apply` of a run made elsewhere
+    project.dvc("checkout", "sources")  # (the later stages have not run in this project)
+    assert json.loads((project.path / "data/sources.json").read_text()) == fingerprint  # it is cached
+    assert not project.stale_stages("corpus")
