@@ -80,7 +80,7 @@ gpu-check: venv  ## one CUDA GPU: data stages, a few hundred bf16 + compile step
 PROFILE = $(if $(QUICK),$(QUICK_PARAMS))
 # seed=1,2,...,compare.seeds (params.yaml)
 COMPARE_SEEDS ?= $(shell $(BIN)/python -c 'from attnlab.core.params import load_params as p; print(",".join(str(s + 1) for s in range(p().compare.seeds)))')
-COMPARE_PE ?= model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex
+COMPARE_PE ?= model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex,alibi
 COMPARE_QKV ?= model.qkv_nonlinear_heads=[all]
 # Experiments run side by side by `make compare` (each trains its own model; 1 suits a CPU or a single GPU).
 JOBS ?= 1

@@ -18,7 +18,7 @@ import yaml
 
 from attnlab.core.errors import ConfigError
 
-PE_VARIANTS = ("rope", "rope_model_dim", "sinusoidal", "learned", "none", "complex")
+PE_VARIANTS = ("rope", "rope_model_dim", "sinusoidal", "learned", "none", "complex", "alibi")
 NORMS = ("post", "pre")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
