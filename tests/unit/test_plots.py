@@ -300,3 +300,36 @@ def test_build_figure_checks_the_seq_len_filter_against_the_stats(tmp_path, monk
         figures.build_figure("attn_support_hist_by_block_head_w_seq_len_filter.png", params, tmp_path)
     with pytest.raises(ConfigError, match="expected one of"):
         figures.build_figure("loss_curve.png", params, tmp_path)  # in the registry, but drawn by its own stage (stages/loss_curve.py)
+
+
+# ------------------------------------------------------------------------------------------ loss by position
+
+
+def test_loss_by_position_draws_every_view_and_the_paired_curve():
+    import matplotlib.pyplot as plt
+
+    from attnlab.report.plots_train import loss_by_position_figure
+
+    T = 8
+    curves = {"position": list(range(T)), "loss": [4.0 - 0.1 * t for t in range(T)], "tokens": [5] * T,
+              "context_multiples": [1, 2, 4], "context_length": [T, 2 * T, 4 * T], "paired_loss": [3.5, 3.4, 3.45],
+              "paired_tokens": 40}
+    for m in (2, 4):
+        curves.update({f"position_{m}x": list(range(m * T)), f"loss_{m}x": [3.0 + 0.01 * t for t in range(m * T)],
+                       f"tokens_{m}x": [5] * (m * T)})
+    metrics = {"val_loss": 3.6, "unigram_loss": 6.0, "val_loss_at_2x_seq_len": 3.4, "val_loss_at_4x_seq_len": 3.45}
+    fig = loss_by_position_figure(curves, metrics)
+    try:
+        by_position, paired = fig.axes
+        lengths = sorted(len(line.get_xdata()) for line in by_position.get_lines() if len(line.get_xdata()) > 2)
+        assert lengths == [T, 2 * T, 4 * T]  # 1x, 2x and 4x views
+        assert any("3.450" in text.get_text() for text in by_position.get_legend().get_texts())
+        (curve,) = [line for line in paired.get_lines() if len(line.get_xdata()) == 3]
+        np.testing.assert_array_equal(curve.get_xdata(), [T, 2 * T, 4 * T])
+        np.testing.assert_array_equal(curve.get_ydata(), [3.5, 3.4, 3.45])
+        assert "40 targets" in curve.get_label()
+    finally:
+        plt.close(fig)
+    # an older file without the paired test still draws its left panel
+    old = {key: curves[key] for key in ("position", "loss", "tokens")}
+    plt.close(loss_by_position_figure(old, metrics))

@@ -182,9 +182,15 @@ class EvalConfig:
     sample_tokens: int = 160  # tokens generated per prompt
     sample_temperature: float = 0.8
     sample_top_k: int = 50  # 0 = sample from the full distribution
+    # The paired length test: the same targets scored with 1x, 2x, ... seq_len tokens of context (evaluate.py).
+    context_multiples: tuple[int, ...] = (1, 2, 4)
 
     def validate(self) -> None:
         _non_negative("eval.max_tokens", self.max_tokens)
+        multiples = list(self.context_multiples)
+        if not multiples or multiples[0] != 1 or any(b <= a for a, b in zip(multiples, multiples[1:])):
+            raise ConfigError("eval.context_multiples", f"{multiples} must start at 1 and increase, e.g. [1, 2, 4]: "
+                              "the paired length test compares each longer context with the trained one")
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.sample_tokens", self.sample_tokens)
         _positive("eval.sample_temperature", self.sample_temperature)

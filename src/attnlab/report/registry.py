@@ -58,8 +58,10 @@ FIGURES: tuple[Figure, ...] = (
     ),
     Figure(
         "loss_by_position.png", "Training",
-        "Validation loss at each position of the window: how much the model gains from more context, and (red) "
-        "what happens past the trained length, where a positional encoding that does not generalize breaks down.",
+        "Left: validation loss at each position of the window, how much the model gains from more context, and "
+        "(red) past the trained length, where a positional encoding that does not generalize breaks down. Right: "
+        "the paired length test, the same targets scored with m x seq_len tokens of context for each m of "
+        "eval.context_multiples: a point below the 1x one means the longer context helps.",
         stage="loss_curve",
     ),
     _attention(
