@@ -264,6 +264,17 @@ class ProbeConfig:
         _non_negative("probe.ridge", self.ridge)
 
 
+@dataclass(frozen=True)
+class HeadRolesConfig:
+    n_sequences: int = 64  # random token sequences, each repeated once: the induction and duplicate scores
+    top_k: int = 2  # induction heads mean-ablated by the causal check (and as many other heads of their layers)
+    batch_size: int = 8  # sequences per forward pass (bounds memory)
+
+    def validate(self) -> None:
+        for key in ("n_sequences", "top_k", "batch_size"):
+            _positive(f"head_roles.{key}", getattr(self, key))
+
+
 EXPLORER_MIN_TOKENS = 20  # the explorer always shows at least this many tokens (fewer only if seq_len is shorter)
 
 
@@ -302,6 +313,7 @@ class Params:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    head_roles: HeadRolesConfig = field(default_factory=HeadRolesConfig)
     explorer: ExplorerConfig = field(default_factory=ExplorerConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
@@ -328,6 +340,13 @@ class Params:
                 "explorer.n_examples",
                 f"{self.explorer.n_examples} is more than attention.n_examples={self.attention.n_examples}: the "
                 "explorer shows the first validation examples of attention_stats, which analyses that many",
+            )
+        n_heads = self.model.n_layers * self.model.n_heads
+        if self.head_roles.top_k >= n_heads:
+            raise ConfigError(
+                "head_roles.top_k",
+                f"{self.head_roles.top_k} is not below model.n_layers x model.n_heads = {n_heads}: the causal check "
+                "ablates as many other heads of the same layers as a control",
             )
         if self.interventions.n_eval_tokens < self.model.seq_len:
             raise ConfigError(
