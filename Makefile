@@ -13,7 +13,7 @@ QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sam
 	-S eval.max_tokens=65536 -S eval.sample_tokens=80 \
 	-S attention.n_examples=16 -S 'attention.seq_len_filter=[32,64]' \
 	-S interventions.n_eval_tokens=16384 -S interventions.mean_tokens=16384 -S interventions.sample_tokens=60 \
-	-S probe.n_examples=16
+	-S probe.n_examples=16 -S head_roles.n_sequences=32
 export PATH := $(abspath $(BIN)):$(PATH)
 
 # The project's optional extras to install (pyproject.toml): dev = the test tools; lens = TransformerLens, for
