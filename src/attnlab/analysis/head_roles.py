@@ -254,7 +254,7 @@ def ablation_check(model: Transformer, repeats: torch.Tensor, induction: np.ndar
     rise = {copy: {"induction_heads": losses["induction_heads_ablated"][i] - losses["baseline"][i],
                    "control_heads": losses["control_heads_ablated"][i] - losses["baseline"][i]}
             for i, copy in enumerate(("first_copy", "second_copy"))}
-    second = rise["second_copy"]["induction_heads"]
+    induction_rise = rise["second_copy"]["induction_heads"]
     return {
         "heads": [head_key(*key) for key in top],
         "control_heads": [head_key(*key) for key in control],
@@ -262,8 +262,8 @@ def ablation_check(model: Transformer, repeats: torch.Tensor, induction: np.ndar
         "loss_second_copy": {name: second for name, (_, second) in losses.items()},
         "rise_first_copy": rise["first_copy"],
         "rise_second_copy": rise["second_copy"],
-        "second_copy_rises_more_than_first": second > rise["first_copy"]["induction_heads"],
-        "more_than_control": second > rise["second_copy"]["control_heads"],
+        "second_copy_rises_more_than_first": induction_rise > rise["first_copy"]["induction_heads"],
+        "more_than_control": induction_rise > rise["second_copy"]["control_heads"],
     }
 
 
