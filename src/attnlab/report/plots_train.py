@@ -40,7 +40,7 @@ def loss_by_position_figure(curves: dict, metrics: dict) -> plt.Figure:
     fig, (ax, paired) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=DPI, width_ratios=(3, 2))
     multiples = curves.get("context_multiples", [1])
     colors = sns.color_palette("flare", max(1, len(multiples) - 1))
-    for color, m in zip(colors, multiples[1:]):
+    for color, m in reversed(list(zip(colors, multiples[1:]))):  # the longest first: shorter views drawn over it
         if f"loss_{m}x" in curves:
             ax.plot(curves[f"position_{m}x"], curves[f"loss_{m}x"], color=color, linewidth=1.0,
                     label=f"windows of {m} x seq_len (last seq_len: {_metric(metrics, f'val_loss_at_{m}x_seq_len')})")
@@ -49,8 +49,7 @@ def loss_by_position_figure(curves: dict, metrics: dict) -> plt.Figure:
     if curves["position"]:
         ax.axvline(len(curves["position"]) - 0.5, color="black", ls=":", label="trained length")
     if "unigram_loss" in metrics:
-        for axis in (ax, paired):
-            axis.axhline(metrics["unigram_loss"], color="gray", ls="--", label="unigram baseline")
+        ax.axhline(metrics["unigram_loss"], color="gray", ls="--", label="unigram baseline")
     ax.set_xlabel("position in the window (tokens of context before the target)")
     ax.set_ylabel("validation cross-entropy (nats/token)")
     ax.set_title("Loss by position: the gain from context, and past the trained length")
@@ -61,9 +60,10 @@ def loss_by_position_figure(curves: dict, metrics: dict) -> plt.Figure:
         for length, loss in zip(curves["context_length"], curves["paired_loss"]):
             paired.annotate(f"{loss:.3f}", (length, loss), textcoords="offset points", xytext=(0, 6), ha="center",
                             fontsize=8)
+        paired.margins(y=0.15)  # room for the labels
         paired.set_xscale("log", base=2)
         paired.set_xticks(curves["context_length"], [str(n) for n in curves["context_length"]])
-    paired.set_xlabel("tokens of context: the window ending at the target's seq_len block")
+    paired.set_xlabel("tokens of context (window length)")
     paired.set_ylabel("validation cross-entropy (nats/token)")
     paired.set_title("Paired length test: the same targets, longer context")
     paired.legend(fontsize=8)
