@@ -63,10 +63,10 @@ def loss_by_position_figure(curves: dict, metrics: dict) -> plt.Figure:
         paired.margins(y=0.15)  # room for the labels
         paired.set_xscale("log", base=2)
         paired.set_xticks(curves["context_length"], [str(n) for n in curves["context_length"]])
+        paired.legend(fontsize=8)
     paired.set_xlabel("tokens of context (window length)")
     paired.set_ylabel("validation cross-entropy (nats/token)")
     paired.set_title("Paired length test: the same targets, longer context")
-    paired.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
