@@ -266,10 +266,11 @@ def test_findings_state_the_runs_numbers_in_sentences(tmp_path):
     assert "rose most between the snapshots at 491,520 and 737,280 tokens, from 0.05 to 0.41" in found["induction"]
     assert "7.71 nats on the first copy, 1.05 on the second (on text, late tokens minus early ones: -0.21" in \
         found["copying"]
-    assert "ablating the 2 strongest induction heads (L1H0, L1H3) raises the second copy's loss by 2.10 nats, the " \
-        "first copy's by 0.03, and ablating as many other heads of their layers raises the second copy's by 0.15" \
-        in found["copying"]
-    assert "A share of 0.25 of the heads are sinks" in found["copying"]
+    assert "ablating the 2 heads with the highest induction scores (L1H0, L1H3) raises the second copy's loss by " \
+        "2.10 nats, the first copy's by 0.03, and ablating as many other heads of their layers raises the second " \
+        "copy's by 0.15" in found["copying"]
+    assert "The sink rate (share of heads with over 0.3 of their attention on the first key) is 0.25." in \
+        found["copying"]
 
 
 def test_the_induction_finding_says_plainly_when_no_head_passed_the_threshold(tmp_path):

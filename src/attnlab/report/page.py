@@ -311,12 +311,14 @@ def finding_copying(roles: dict) -> str:
                                                    ("rise_second_copy", "control_heads"))]  # fmt: skip
     heads = ablation.get("heads")
     if None not in rises and isinstance(heads, list):
-        text += (f"; mean-ablating the {len(heads)} strongest induction heads ({', '.join(map(str, heads))}) raises "
-                 f"the second copy's loss by {rises[0]:.2f} nats, the first copy's by {rises[1]:.2f}, and ablating "
-                 f"as many other heads of their layers raises the second copy's by {rises[2]:.2f}")
+        text += (f"; mean-ablating the {len(heads)} heads with the highest induction scores "
+                 f"({', '.join(map(str, heads))}) raises the second copy's loss by {rises[0]:.2f} nats, the first "
+                 f"copy's by {rises[1]:.2f}, and ablating as many other heads of their layers raises the second "
+                 f"copy's by {rises[2]:.2f}")
     rate, threshold = _number(roles, "sink_rate"), _number(roles, "sink_threshold")
     if rate is not None and threshold is not None:
-        text += f". A share of {rate:.2f} of the heads are sinks (over {threshold:.1f} of their attention on key 0)"
+        text += (f". The sink rate (share of heads with over {threshold:.1f} of their attention on the first key) "
+                 f"is {rate:.2f}")
     return text + "."
 
 
