@@ -13,7 +13,7 @@ QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sam
 	-S eval.max_tokens=65536 -S eval.sample_tokens=80 \
 	-S attention.n_examples=16 -S 'attention.seq_len_filter=[32,64]' \
 	-S interventions.n_eval_tokens=16384 -S interventions.mean_tokens=16384 -S interventions.sample_tokens=60 \
-	-S probe.n_examples=16
+	-S probe.n_examples=16 -S head_roles.n_sequences=32
 export PATH := $(abspath $(BIN)):$(PATH)
 
 # The project's optional extras to install (pyproject.toml): dev = the test tools; lens = TransformerLens, for
@@ -83,7 +83,7 @@ gpu-check: venv  ## one CUDA GPU: data stages, a few hundred bf16 + compile step
 PROFILE = $(if $(QUICK),$(QUICK_PARAMS))
 # seed=1,2,...,compare.seeds (params.yaml)
 COMPARE_SEEDS ?= $(shell $(BIN)/python -c 'from attnlab.core.params import load_params as p; print(",".join(str(s + 1) for s in range(p().compare.seeds)))')
-COMPARE_PE ?= model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex
+COMPARE_PE ?= model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex,alibi
 COMPARE_QKV ?= model.qkv_nonlinear_heads=[all]
 # Experiments run side by side by `make compare` (each trains its own model; 1 suits a CPU or a single GPU).
 JOBS ?= 1

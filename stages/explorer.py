@@ -10,7 +10,8 @@ from pathlib import Path
 
 from attnlab.analysis.explorer import explorer_data
 from attnlab.core.cli import run_cli
-from attnlab.core.io import write_text
+from attnlab.core.errors import ConfigError
+from attnlab.core.io import read_json, write_text
 from attnlab.core.params import load_params
 from attnlab.data.tokenizer import load_tokenizer
 from attnlab.report.explorer import explorer_html
@@ -22,13 +23,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", required=True, help="models/model.pt")
     parser.add_argument("--attention", required=True, help="data/attention (the attention_stats outputs)")
     parser.add_argument("--tokenizer", required=True, help="data/tokenizer (or its tokenizer.model)")
+    parser.add_argument("--roles", help="reports/head_roles.json: the role scores shown in the head grid")
     parser.add_argument("--out", required=True, help="reports/explorer.html")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     start = time.perf_counter()
     sp = load_tokenizer(args.tokenizer)
     data = explorer_data(params, args.model, args.attention)
-    write_text(args.out, explorer_html(data, sp))
+    roles = None
+    if args.roles:
+        try:
+            roles = read_json(args.roles)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(args.roles, f"unreadable ({exc.__class__.__name__}): run the head_roles stage") from exc
+    write_text(args.out, explorer_html(data, sp, roles))
     _, n_layers, n_heads, n_tokens, _ = data.weights.shape
     size_mb = Path(args.out).stat().st_size / 1e6
     print(

@@ -40,9 +40,10 @@ def main(argv: list[str]) -> None:
     print(f"loss_curve: {len(logs[0])} steps, {len(logs[1])} validation points -> {args.out}")
     if args.by_position_out:
         save_figure(loss_by_position_figure(curves, metrics), args.by_position_out)
-        at_2x = metrics.get("val_loss_at_2x_seq_len")
-        at_2x = f", at 2 x seq_len {at_2x:.3f}" if at_2x is not None else ""
-        print(f"loss_curve: loss by position, mean {metrics.get('val_loss', float('nan')):.3f}{at_2x} "
+        paired = ", ".join(f"{m} x seq_len {loss:.3f}" for m, loss in
+                           zip(curves.get("context_multiples", []), curves.get("paired_loss", [])))
+        paired = f"; the same targets at {paired}" if paired else ""
+        print(f"loss_curve: loss by position, mean {metrics.get('val_loss', float('nan')):.3f}{paired} "
               f"-> {args.by_position_out}")
 
 

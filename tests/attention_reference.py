@@ -48,13 +48,29 @@ def rotate_pairs(vec: list[float], position: int, base: float) -> list[float]:
     return out
 
 
+def alibi_slopes_loop(n_heads: int) -> list[float]:
+    """The ALiBi paper's slopes, as its reference code writes them (get_slopes): a geometric sequence starting at
+    and stepping by 2^(-2^-(log2(n) - 3)) for a power of two n, else the largest power of two's slopes plus every
+    other slope of twice that."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return power_of_2(n_heads)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return power_of_2(closest) + alibi_slopes_loop(2 * closest)[0::2][: n_heads - closest]
+
+
 def loop_attention(
     layer: CausalSelfAttention, x: torch.Tensor, rope_base: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal multi-head self-attention of `layer` on x (B, T, D), from its own weights, by explicit loops.
 
-    Supports linear Q/K/V and pe in none / learned / sinusoidal (nothing inside attention), rope (per head)
-    and rope_model_dim (whole model dimension, before the head split).
+    Supports linear Q/K/V and pe in none / learned / sinusoidal (nothing inside attention), rope (per head),
+    rope_model_dim (whole model dimension, before the head split) and alibi (-slope_h * (query - key) added to
+    each scaled score, slopes from alibi_slopes_loop).
     Returns (output (B, T, D), pattern (B, H, T, T)) as float64 tensors.
     """
     B, T, D = x.shape
@@ -80,7 +96,8 @@ def loop_attention(
                 scores = []
                 for key_pos in range(position + 1):  # causal: keys at or before the query
                     dot = sum(q_h[position][i] * k_h[key_pos][i] for i in range(Dh))
-                    scores.append(dot / math.sqrt(Dh))
+                    bias = -alibi_slopes_loop(H)[h] * (position - key_pos) if layer.pe == "alibi" else 0.0
+                    scores.append(dot / math.sqrt(Dh) + bias)
                 top = max(scores)
                 exps = [math.exp(s - top) for s in scores]
                 total = sum(exps)

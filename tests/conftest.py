@@ -115,6 +115,7 @@ TINY_PARAMS = {
         "n_eval_tokens": 1024, "mean_tokens": 1024, "batch_size": 4, "top_k": [1, 2, 64], "sample_tokens": 10,
     },
     "probe": {"n_examples": 4},
+    "head_roles": {"n_sequences": 4, "top_k": 1, "batch_size": 2},
     "explorer": {"n_examples": 2, "max_tokens": 48},  # of attention's 4 examples; crops the 64-token windows
 }
 

@@ -35,6 +35,7 @@ def run(tmp_path_factory) -> Path:
     overrides = json.loads(json.dumps(TINY_TRAIN_PARAMS))
     overrides["train"]["device"] = "cpu"
     overrides["attention"].update(n_examples=N_EXAMPLES, batch_size=4)
+    overrides["head_roles"] = {"n_sequences": 8}
     params = load_params(write_params(root / "params.yaml", overrides))
     out = root / "run"
     train(params, TrainPaths.under(out, root / "tokens"))
@@ -122,3 +123,40 @@ def test_an_empty_or_missing_snapshot_folder_is_a_config_error_naming_it(run, tm
     assert result.stderr.strip() == f"error: {tmp_path / 'empty'}: no weight snapshots (step_*.pt) here: the " \
         "train stage writes one at initialization and every validation point (dvc repro train)"
     assert list_snapshots(run / "run" / "snapshots")  # the run's own are untouched
+
+
+def test_each_snapshot_holds_the_head_roles_and_the_last_agrees_with_the_head_roles_stage(run, tmp_path):
+    from attnlab.analysis.head_roles import ROLES, head_roles
+
+    table = pd.read_parquet(run / "attention" / "dynamics.parquet")
+    for name in ("val_loss", "icl_score_nats", "repeat_icl_nats"):  # one value per snapshot
+        assert (table.groupby("step")[name].nunique() == 1).all(), name
+    params = load_params(run / "params.yaml")
+    final = head_roles(params, run / "run" / "model.pt", run / "tokens", tmp_path / "head_roles.parquet")
+    last = table[table["step"] == EVAL_STEPS[-1]].set_index(["layer", "head"])
+    for row in final["table"].itertuples():  # float16 weights against float32: close, not equal
+        assert last.loc[(row.layer, row.head), f"{row.role}_score"] == pytest.approx(row.score, abs=0.01), row
+    assert last["repeat_icl_nats"].iloc[0] == pytest.approx(final["metrics"]["icl"]["repeat_icl_nats"], abs=0.02)
+    assert last["val_loss"].iloc[0] == pytest.approx(final["metrics"]["icl"]["val_loss"], abs=0.01)
+    assert {f"{role}_score" for role in ROLES} <= set(table.columns)
+
+
+def test_the_largest_induction_rise_is_the_biggest_step_between_snapshots(run):
+    table = pd.read_parquet(run / "attention" / "dynamics.parquet")
+    roles = json.loads((run / "reports" / "dynamics.json").read_text())["roles"]
+    induction = roles["induction"]
+    last = table[table["step"] == EVAL_STEPS[-1]]
+    best = last.loc[last["induction_score"].idxmax()]
+    assert induction["strongest_head"] == f"L{best['layer']}H{best['head']}"
+    scores = table[(table["layer"] == best["layer"]) & (table["head"] == best["head"])].sort_values("step")
+    values, steps = scores["induction_score"].tolist(), scores["step"].tolist()
+    rises = [(values[i + 1] - values[i], i) for i in range(len(values) - 1)]  # by hand, a loop over the snapshots
+    _, i = max(rises)
+    rise = induction["largest_rise"]
+    assert (rise["from_step"], rise["to_step"]) == (steps[i], steps[i + 1])
+    assert (rise["from_score"], rise["to_score"]) == (pytest.approx(values[i]), pytest.approx(values[i + 1]))
+    assert rise["to_train_tokens"] == rise["to_step"] * 8 * 32
+    first = table[table["step"] == 0]
+    assert roles["val_loss"] == {"first": pytest.approx(first["val_loss"].iloc[0]),
+                                 "last": pytest.approx(last["val_loss"].iloc[0])}
+    assert roles["val_loss"]["last"] < roles["val_loss"]["first"]  # the run learned

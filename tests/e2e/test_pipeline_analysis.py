@@ -125,7 +125,8 @@ def test_a_memory_knob_reruns_only_the_figure_whose_picture_it_sizes(dvc_project
 def test_the_analysis_seed_reruns_the_measurements_and_the_training_seed_the_model(dvc_project):
     with dvc_project.params_changed({"analysis": {"seed": 11}}):
         stale = stale_stages(dvc_project)
-    assert stale == {"evaluate", "attention_stats", "attention_dynamics", "interventions", "position_analysis"}
+    assert stale == {"evaluate", "attention_stats", "attention_dynamics", "interventions", "position_analysis",
+                     "head_roles"}
     with dvc_project.params_changed({"seed": 11}):
         stale = stale_stages(dvc_project)
     assert stale == {"train"}  # what follows reruns once the model changes
@@ -136,5 +137,46 @@ def test_the_report_page_is_self_contained_and_shows_every_figure(dvc_project):
     assert page.count("data:image/png;base64,") >= 1 + len(ATTENTION_FIGURES) + 4 + 3
     assert "src=\"http" not in page and "href=\"http" not in page
     assert "not produced in this run" not in page
-    for heading in ("Metrics", "Training", "Attention", "Interventions", "Positional encoding", "Samples"):
+    for heading in ("Metrics", "Training", "Attention", "Head roles", "Interventions", "Positional encoding",
+                    "Samples"):
         assert f"<h2>{heading}</h2>" in page
+
+
+def test_head_roles_stage_writes_every_heads_scores_and_the_causal_check(dvc_project):
+    import pandas as pd
+
+    p = dvc_project.path
+    table = pd.read_parquet(p / "data/attention/head_roles.parquet")
+    assert len(table) == 2 * 2 * 4  # TINY_PARAMS: 2 layers x 2 heads, 4 roles
+    assert set(table["role"].astype(str)) == {"induction", "duplicate", "previous_token", "sink"}
+    assert ((table["score"] >= 0) & (table["score"] <= 1)).all()
+    metrics = json.loads((p / "reports/head_roles.json").read_text())
+    assert metrics["repeated"] == {"n_sequences": 4, "half_len": 32, "seq_len": 64}  # head_roles.n_sequences: 4
+    ablation = metrics["ablation"]
+    assert len(ablation["heads"]) == 1 and len(ablation["control_heads"]) == 1  # head_roles.top_k: 1
+    assert set(ablation["rise_second_copy"]) == {"induction_heads", "control_heads"}
+    for name in ("head_roles", "induction_over_training"):
+        assert_png(p / "reports/figures" / f"{name}.png")
+    dynamics = pd.read_parquet(p / "data/attention/dynamics.parquet")
+    assert {"induction_score", "previous_token_score", "icl_score_nats", "repeat_icl_nats", "val_loss"} <= set(dynamics)
+    page = (p / "reports/index.html").read_text()
+    assert 'data-topic="induction"' in page and 'data-topic="copying"' in page
+
+
+def test_the_head_roles_params_rerun_what_reads_them_and_nothing_else(dvc_project):
+    with dvc_project.params_changed({"head_roles": {"top_k": 2}}):
+        assert stale_stages(dvc_project) == {"head_roles"}
+    with dvc_project.params_changed({"head_roles": {"n_sequences": 3}}):
+        assert stale_stages(dvc_project) == {"head_roles", "attention_dynamics"}
+
+
+def test_alibi_runs_every_stage_and_evaluates_past_the_trained_length(dvc_project):
+    result = dvc_project.dvc("exp", "run", "--temp", "-n", "alibi-pe", "-S", "model.pe=alibi")
+    for stage in ("train", "evaluate", "attention_stats", "attention_dynamics", "head_roles", "interventions",
+                  "position_analysis", "explorer", "report"):
+        assert f"Running stage '{stage}'" in result.stdout, stage
+    table = json.loads(dvc_project.dvc("exp", "show", "--json").stdout)
+    experiments = [exp for row in table for exp in (row.get("experiments") or [])]
+    [ours] = [exp for exp in experiments if exp.get("name") == "alibi-pe"]
+    metrics = ours["revs"][0]["data"]["metrics"]["reports/eval.json"]["data"]
+    assert {"val_loss_at_2x_seq_len", "val_loss_at_4x_seq_len"} <= set(metrics)

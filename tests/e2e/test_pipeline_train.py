@@ -130,5 +130,8 @@ def test_loss_by_position_agrees_with_val_loss_and_reaches_twice_the_trained_len
     assert mean == pytest.approx(metrics["val_loss"], abs=1e-5)
     assert sum(curves["tokens"]) == metrics["val_tokens_scored"]
     assert len(curves["loss_2x"]) == len(curves["tokens_2x"]) == 2 * seq_len  # rope: positions extend
-    assert "val_loss_at_2x_seq_len" in metrics
+    assert len(curves["loss_4x"]) == len(curves["tokens_4x"]) == 4 * seq_len
+    assert curves["context_length"] == [seq_len, 2 * seq_len, 4 * seq_len]  # eval.context_multiples
+    assert curves["paired_loss"] == [metrics[f"val_loss_at_{m}x_seq_len"] for m in (1, 2, 4)]
+    assert metrics["paired_tokens_scored"] == curves["paired_tokens"] == sum(curves["tokens_2x"]) // 2
     assert (p / "reports/figures/loss_by_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -123,7 +123,7 @@ def test_quick_params_are_what_make_expands_quick_params_to(tmp_path):
 
 @pytest.mark.parametrize(("args", "key"), [
     (["--steps", "0"], "--steps"), (["--d-model", "30", "--n-heads", "4"], "model.d_model"),
-    (["--pe", "alibi"], "model.pe"), (["--mm-seconds", "0"], "--mm-seconds"), (["--set", "seed"], "--set"),
+    (["--pe", "xpos"], "model.pe"), (["--mm-seconds", "0"], "--mm-seconds"), (["--set", "seed"], "--set"),
 ])
 def test_bad_bench_input_is_one_error_line_before_any_run(args, key, tmp_path, capsys):
     out = tmp_path / "bench.json"

@@ -59,6 +59,9 @@ BAD_PARAMS = {
         "more than attention.n_examples=8",
     ),
     "explorer too few tokens": ({"explorer": {"max_tokens": 10}}, "explorer.max_tokens", "at least 20 tokens"),
+    "context multiples without 1": ({"eval": {"context_multiples": [2, 4]}}, "eval.context_multiples", "start at 1"),
+    "context multiples not increasing": (
+        {"eval": {"context_multiples": [1, 4, 2]}}, "eval.context_multiples", "increase"),
 }
 
 

@@ -180,8 +180,8 @@ def test_make_renders_exactly_the_grids_it_queues():
         assert [args.sets + grid for grid in args.grid] == [specs[1::2] for specs in queued]
         assert all(specs[::2] == ["-S"] * (len(specs) // 2) for specs in queued)
         if target == "compare":
-            assert [grid[0] for grid in args.grid] == ["model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex",
-                                                       "model.qkv_nonlinear_heads=[all]"]
+            pe_grid = "model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex,alibi"
+            assert [grid[0] for grid in args.grid] == [pe_grid, "model.qkv_nonlinear_heads=[all]"]
         assert all(grid[-1] == "seed=1,2" for grid in args.grid)
 
 
@@ -192,7 +192,7 @@ def test_make_results_runs_the_tables_module_on_the_compare_grids():
     lines = [shlex.split(line) for line in proc.stdout.replace("\\\n", " ").splitlines()]
     (tables,) = [words for words in lines if words[1:3] == ["-m", "attnlab.report.compare.results_tables"]]
     grids = [tables[i + 1 : i + 3] for i, word in enumerate(tables) if word == "--grid"]
-    assert grids == [["model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex", "seed=1,2"],
+    assert grids == [["model.pe=rope,rope_model_dim,sinusoidal,learned,none,complex,alibi", "seed=1,2"],
                      ["model.qkv_nonlinear_heads=[all]", "seed=1,2"]]
 
 

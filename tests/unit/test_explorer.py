@@ -147,3 +147,26 @@ def test_a_tokenizer_from_another_run_is_refused(run):
 
     with pytest.raises(ConfigError, match=f"--tokenizer: has {int(data.tokens.max())} pieces"):
         explorer_html(data, Smaller())
+
+
+def test_the_head_grid_carries_each_heads_role_scores(run):
+    from attnlab.core.errors import ConfigError
+    from attnlab.report.explorer import role_labels
+
+    root, sp, _, _ = run
+    data = explorer_data(params(root, n_examples=1, max_tokens=20), root / "model.pt", root / "attention")
+    heads = {f"L{layer}H{head}": {"induction": 0.02, "duplicate": 0.01, "previous_token": 0.05, "sink": 0.1}
+             for layer in range(2) for head in range(4)}
+    heads["L1H2"].update(induction=0.62, sink=0.45)
+    heads["L0H3"]["previous_token"] = 0.91
+    page = explorer_html(data, sp, {"heads": heads})
+    roles = page_payload(page)["roles"]
+    assert roles["L1H2"] == {"title": "induction 0.62, duplicate 0.01, previous token 0.05, sink 0.45",
+                             "tag": "ind sink"}
+    assert roles["L0H3"]["tag"] == "prev" and roles["L0H0"]["tag"] == ""
+    assert "tagged with its head's roles" in page and "td.dataset.tag" in page
+    assert page_payload(explorer_html(data, sp))["roles"] == {}  # without head_roles.json: no labels
+    assert "tagged with its head's roles" not in explorer_html(data, sp)
+    del heads["L1H3"]
+    with pytest.raises(ConfigError, match="rerun head_roles"):
+        role_labels({"heads": heads}, 2, 4)

@@ -209,6 +209,7 @@ def test_each_config_choice_shows_in_the_logits(boot, change):
 REFUSED = [
     ({"pe": "complex"}, "model.pe", "complex"),
     ({"pe": "rope_model_dim"}, "model.pe", "rope_model_dim"),
+    ({"pe": "alibi"}, "model.pe", "linear bias"),
     ({"qkv_nonlinear_heads": ("all",)}, "model.qkv_nonlinear_heads", "GELU MLP"),
     ({"qkv_nonlinear_heads": ("L1H0",), "qkv_nonlinear_parts": ("v",)}, "model.qkv_nonlinear_heads", "v with"),
     ({"norm": "post"}, "model.norm", "post"),

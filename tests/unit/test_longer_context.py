@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnlab.model.scoring import score_windows
 from attnlab.data.tokens import eval_starts
@@ -73,17 +74,78 @@ def test_per_position_losses_average_to_the_loss():
     assert score.n_tokens == len(starts) * 2 * T
 
 
-def test_evaluate_leaves_out_the_2x_loss_of_learned_positions_and_says_why():
-    from attnlab.analysis.evaluate import score_at_length
-    from attnlab.core.params import Params
+# ------------------------------------------------------------------------------------- the paired length test
+
+
+def loop_paired_loss(model, tokens: np.ndarray, target_starts: np.ndarray, m: int) -> float:
+    """The paired view m by hand: for each 1x window start s, the model on the m * T tokens that end at s + T
+    (from s - (m - 1) T), the cross-entropy of its last T predictions against tokens s + 1 .. s + T, in float64,
+    one window at a time, averaged over every target."""
+    total, count = 0.0, 0
+    with torch.no_grad(), longer_context(model, m * T):
+        for s in target_starts:
+            window = torch.from_numpy(tokens[s - (m - 1) * T : s + T].astype(np.int64))[None]  # (1, m T)
+            logits = model(window)[0, -T:].double()  # (T, V): the predictions of the last T positions
+            targets = torch.from_numpy(tokens[s + 1 : s + T + 1].astype(np.int64))  # (T,)
+            total += F.cross_entropy(logits, targets, reduction="sum").item()
+            count += T
+    return total / count
+
+
+def random_tokens(n: int = 3000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, size=n).astype(np.uint16)
+
+
+def test_the_1x_view_of_the_paired_test_is_val_loss():
+    from attnlab.analysis.evaluate import paired_length_losses
+
+    model, tokens = tiny_model(VOCAB, seq_len=T), random_tokens()
+    starts = eval_starts(len(tokens), T)
+    val = score_windows(model, tokens, starts, T, batch_size=4)
+    paired = paired_length_losses(model, tokens, starts, (1,), batch_size=4, log=lambda line: None)
+    assert paired.multiples == (1,) and paired.loss[1] == val.loss and paired.n_targets == val.n_tokens
+    # with a 4x view the targets are the windows with 3 T tokens before them: the 1x loss is theirs, not val_loss
+    paired = paired_length_losses(model, tokens, starts, (1, 4), batch_size=4, log=lambda line: None)
+    subset = score_windows(model, tokens, starts[starts >= 3 * T], T, batch_size=4)
+    assert paired.loss[1] == pytest.approx(subset.loss, rel=1e-12) and paired.n_targets == subset.n_tokens
+    assert paired.loss[1] != pytest.approx(val.loss, rel=1e-9)
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi", "sinusoidal"])
+def test_every_view_scores_the_same_targets_with_longer_context(pe):
+    from attnlab.analysis.evaluate import paired_curves, paired_length_losses
+
+    model, tokens = tiny_model(VOCAB, pe=pe, seq_len=T), random_tokens()
+    starts = eval_starts(len(tokens), T, 40 * T)
+    paired = paired_length_losses(model, tokens, starts, (1, 2, 4), batch_size=5, log=lambda line: None)
+    targets = starts[starts >= 3 * T]
+    assert paired.multiples == (1, 2, 4) and paired.n_targets == len(targets) * T
+    for m in (1, 2, 4):
+        assert paired.loss[m] == pytest.approx(loop_paired_loss(model, tokens, targets, m), abs=1e-5)
+    # the check can fail: the unpaired test (windows of 2T at multiples of 2T) scores other targets
+    with longer_context(model, 2 * T):
+        unpaired = score_windows(model, tokens, eval_starts(len(tokens), 2 * T, 40 * T), 2 * T, batch_size=5)
+    assert abs(paired.loss[2] - unpaired.loss) > 1e-4
+    curves = paired_curves(paired, T)
+    assert curves["context_length"] == [T, 2 * T, 4 * T] and curves["paired_tokens"] == paired.n_targets
+    assert len(curves["loss_4x"]) == len(curves["tokens_4x"]) == 4 * T and "loss_1x" not in curves
+    assert set(curves["tokens_2x"]) == {len(targets)}
+
+
+def test_learned_positions_get_the_1x_view_only_and_a_short_split_drops_what_does_not_fit():
+    from attnlab.analysis.evaluate import paired_length_losses, paired_metrics
 
     lines: list[str] = []
-    tokens = np.random.default_rng(0).integers(0, VOCAB, size=2000).astype(np.uint16)
+    tokens = random_tokens()
     learned = tiny_model(VOCAB, pe="learned", seq_len=T)
-    assert score_at_length(learned, tokens, 2 * T, Params(), lines.append) is None
-    assert "learned" in lines[-1] and "no positions past" in lines[-1]
-    rope = tiny_model(VOCAB, seq_len=T)
-    assert score_at_length(rope, tokens[: 2 * T], 2 * T, Params(), lines.append) is None  # split too short
-    assert "only" in lines[-1]
-    score = score_at_length(rope, tokens, 2 * T, Params(), lines.append)
-    assert score is not None and len(score.position_loss) == 2 * T
+    starts = eval_starts(len(tokens), T)
+    paired = paired_length_losses(learned, tokens, starts, (1, 2, 4), batch_size=4, log=lines.append)
+    assert paired.multiples == (1,) and paired.n_targets == len(starts) * T
+    assert all("learned" in line and "no positions past" in line for line in lines) and len(lines) == 2
+    assert set(paired_metrics(paired)) == {"val_loss_at_1x_seq_len", "paired_tokens_scored"}
+    lines.clear()
+    short = tokens[: 3 * T + 1]  # three windows: the third has 2 T tokens before it, none has 3 T
+    paired = paired_length_losses(tiny_model(VOCAB, seq_len=T), short, eval_starts(len(short), T), (1, 2, 4), 4,
+                                  lines.append)
+    assert paired.multiples == (1, 2) and paired.n_targets == 2 * T  # the windows at T and 2 T
+    assert len(lines) == 1 and f"no evaluate window with {3 * T} tokens before it" in lines[0]

@@ -46,7 +46,8 @@ def test_logits_have_shape_batch_position_vocab(pe):
 
 
 @pytest.mark.parametrize(
-    ("pe", "rope_base"), [("none", 10000.0), ("rope", 10000.0), ("rope", 50.0), ("rope_model_dim", 10000.0)]
+    ("pe", "rope_base"),
+    [("none", 10000.0), ("rope", 10000.0), ("rope", 50.0), ("rope_model_dim", 10000.0), ("alibi", 10000.0)],
 )
 @pytest.mark.parametrize("path", ["explicit", "sdpa"])
 def test_attention_layer_matches_loop_reference(pe, rope_base, path):
@@ -60,7 +61,7 @@ def test_attention_layer_matches_loop_reference(pe, rope_base, path):
     with torch.no_grad():
         got = layer(x)  # (B, T, D)
     assert layer.explicit == (path == "explicit")
-    # pe=none is float64 throughout; RoPE's cos/sin tables are float32 (rope_angles), worth ~1e-7 here.
+    # pe=none is float64 throughout; RoPE's cos/sin tables and ALiBi's slopes are float32, worth ~1e-7 here.
     tol = 1e-10 if pe == "none" else 1e-6
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
 

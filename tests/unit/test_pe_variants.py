@@ -330,7 +330,7 @@ def test_qkv_nonlinear_every_head_leaves_no_linear_map():
         ({"qkv_nonlinear_parts": ["q", "x"]}, "model.qkv_nonlinear_parts", "'x' is not one of"),
         ({"qkv_nonlinear_parts": ["q", "q"]}, "model.qkv_nonlinear_parts", "repeats a part"),
         ({"pe": "complex", "qkv_nonlinear_heads": ["all"]}, "model.qkv_nonlinear_parts", "[v]"),
-        ({"pe": "alibi"}, "model.pe", "rope, rope_model_dim, sinusoidal, learned, none, complex"),
+        ({"pe": "xpos"}, "model.pe", "rope, rope_model_dim, sinusoidal, learned, none, complex, alibi"),
     ],
 )
 def test_bad_variant_params_name_the_key(model_overrides, key, fragment):
@@ -349,7 +349,7 @@ def test_complex_with_nonlinear_values_is_valid():
 
 def test_unknown_pe_through_the_config_cli_is_one_line_exit_2(tmp_path):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["model"]["pe"] = "alibi"
+    raw["model"]["pe"] = "xpos"
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "attnlab.config", str(path)], capture_output=True, text=True,
@@ -357,4 +357,4 @@ def test_unknown_pe_through_the_config_cli_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["error: model.pe: 'alibi' is not one of: " + ", ".join(PE_VARIANTS)]
+    assert lines == ["error: model.pe: 'xpos' is not one of: " + ", ".join(PE_VARIANTS)]

@@ -236,11 +236,29 @@ def small_dynamics(L=2, H=3, steps=(3, 6, 9, 10), tokens_per_step=256) -> pd.Dat
     """dynamics.parquet rows: one per (snapshot, layer, head); head h of layer l sharpens at its own rate."""
     step, layer, head = np.meshgrid(np.asarray(steps), np.arange(L), np.arange(H), indexing="ij")
     support = 0.9 * np.exp(-step * (1 + layer + head) / 20.0) + 0.05
+    induction = np.where((layer == 1) & (head == 2), np.clip((step - 5) / 4.0, 0.0, 1.0), 0.02)  # forms at step 6-9
+    per_step = {"val_loss": 6.0 - 0.3 * step, "icl_score_nats": -0.01 * step, "repeat_icl_nats": -0.4 * induction.max(
+        axis=(1, 2), keepdims=True) * np.ones_like(support)}  # fmt: skip
     return pd.DataFrame({
         "train_tokens": (step * tokens_per_step).ravel().astype(np.int64), "step": step.ravel().astype(np.int64),
         "split": pd.Categorical(["val"] * step.size), "layer": layer.ravel().astype(np.int16),
         "head": head.ravel().astype(np.int16), "mean_entropy_bits": np.log2(support.ravel() * 12),
         "mean_support": support.ravel() * 12, "mean_normalized_support": support.ravel(),
+        "induction_score": induction.ravel(), "duplicate_score": 0.01 + 0 * support.ravel(),
+        "previous_token_score": (0.1 * (1 + head) * step / 10.0).ravel(), "sink_score": 0.2 + 0 * support.ravel(),
+        **{name: values.ravel() for name, values in per_step.items()},
+    })  # fmt: skip
+
+
+def small_roles(L=2, H=3) -> pd.DataFrame:
+    """head_roles.parquet rows: one per (layer, head, role), score = role index / 10 + layer / 100 + head / 1000."""
+    roles = ["induction", "duplicate", "previous_token", "sink"]
+    role, layer, head = np.meshgrid(np.arange(4), np.arange(L), np.arange(H), indexing="ij")
+    return pd.DataFrame({
+        "layer": layer.ravel().astype(np.int16), "head": head.ravel().astype(np.int16),
+        "role": pd.Categorical([roles[r] for r in role.ravel()]), "score": (role / 10 + layer / 100 + head / 1000).ravel(),
+        "measured_on": pd.Categorical(["repeated random tokens" if r < 2 else "validation text" for r in role.ravel()]),
+        "n_sequences": 4, "seq_len": 12,
     })  # fmt: skip
 
 
@@ -283,7 +301,7 @@ def test_build_figure_draws_each_registry_png_with_its_input_and_params(figure, 
     import matplotlib.pyplot as plt
 
     inputs = {"stats": small_table(T=12), "mean_patterns": np.full((2, 2, 12, 12), 1 / 12),
-              "dynamics": small_dynamics()}
+              "dynamics": small_dynamics(), "roles": small_roles()}
     monkeypatch.setitem(figures.LOADERS, figure.reads, lambda _dir: inputs[figure.reads])
     params = Params(attention=AttentionConfig(batch_size=2, seq_len_filter=(4, 10)))
     fig = figures.build_figure(figure.name, params, tmp_path)
@@ -300,3 +318,91 @@ def test_build_figure_checks_the_seq_len_filter_against_the_stats(tmp_path, monk
         figures.build_figure("attn_support_hist_by_block_head_w_seq_len_filter.png", params, tmp_path)
     with pytest.raises(ConfigError, match="expected one of"):
         figures.build_figure("loss_curve.png", params, tmp_path)  # in the registry, but drawn by its own stage (stages/loss_curve.py)
+
+
+# ------------------------------------------------------------------------------------------ loss by position
+
+
+def test_loss_by_position_draws_every_view_and_the_paired_curve():
+    import matplotlib.pyplot as plt
+
+    from attnlab.report.plots_train import loss_by_position_figure
+
+    T = 8
+    curves = {"position": list(range(T)), "loss": [4.0 - 0.1 * t for t in range(T)], "tokens": [5] * T,
+              "context_multiples": [1, 2, 4], "context_length": [T, 2 * T, 4 * T], "paired_loss": [3.5, 3.4, 3.45],
+              "paired_tokens": 40}
+    for m in (2, 4):
+        curves.update({f"position_{m}x": list(range(m * T)), f"loss_{m}x": [3.0 + 0.01 * t for t in range(m * T)],
+                       f"tokens_{m}x": [5] * (m * T)})
+    metrics = {"val_loss": 3.6, "unigram_loss": 6.0, "val_loss_at_2x_seq_len": 3.4, "val_loss_at_4x_seq_len": 3.45}
+    fig = loss_by_position_figure(curves, metrics)
+    try:
+        by_position, paired = fig.axes
+        lengths = sorted(len(line.get_xdata()) for line in by_position.get_lines() if len(line.get_xdata()) > 2)
+        assert lengths == [T, 2 * T, 4 * T]  # 1x, 2x and 4x views
+        assert any("3.450" in text.get_text() for text in by_position.get_legend().get_texts())
+        (curve,) = [line for line in paired.get_lines() if len(line.get_xdata()) == 3]
+        np.testing.assert_array_equal(curve.get_xdata(), [T, 2 * T, 4 * T])
+        np.testing.assert_array_equal(curve.get_ydata(), [3.5, 3.4, 3.45])
+        assert "40 targets" in curve.get_label()
+    finally:
+        plt.close(fig)
+    # an older file without the paired test still draws its left panel
+    old = {key: curves[key] for key in ("position", "loss", "tokens")}
+    plt.close(loss_by_position_figure(old, metrics))
+
+
+# ------------------------------------------------------------------------------------------------ head roles
+
+
+def test_head_roles_heatmap_has_a_panel_per_role_with_the_scores_of_each_head(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from attnlab.analysis.stats_files import HEAD_ROLES_FILE
+    from attnlab.report import plots_roles
+    from attnlab.report.style import save_figure
+
+    table = small_roles()
+    fig = plots_roles.head_roles_heatmap(table)
+    try:
+        panels = [ax for ax in fig.axes if ax.get_xlabel() == "head"]
+        assert len(panels) == 4 and fig.dpi == plots.DPI
+        for ax, role in zip(panels, ["induction", "duplicate", "previous_token", "sink"]):
+            shown = {text.get_text() for text in ax.texts}  # the annotated cells
+            rows = table[table["role"] == role]
+            assert shown == {f"{score:.2f}" for score in rows["score"]}, role
+            assert rows["measured_on"].iloc[0] in ax.get_title()
+        assert not any("0.30" in text.get_text() for text in panels[0].texts)  # sink's scores are not induction's
+    finally:
+        plt.close(fig)
+    table.to_parquet(tmp_path / HEAD_ROLES_FILE, index=False)
+    out = tmp_path / "head_roles.png"
+    save_figure(figures.build_figure("head_roles.png", Params(), tmp_path), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="head_roles stage"):
+        figures.build_figure("head_roles.png", Params(), tmp_path / "empty")
+
+
+def test_induction_over_training_draws_each_head_and_the_loss_against_tokens():
+    import matplotlib.pyplot as plt
+
+    from attnlab.report import plots_roles
+
+    df = small_dynamics()
+    fig = plots_roles.induction_over_training(df)
+    try:
+        loss, induction, previous, icl = fig.axes
+        assert all(ax.get_xlabel() in ("", "tokens seen") for ax in fig.axes) and icl.get_xlabel() == "tokens seen"
+        snapshots = df.drop_duplicates("step")
+        (line,) = loss.get_lines()
+        np.testing.assert_array_equal(line.get_xdata(), snapshots["train_tokens"])
+        np.testing.assert_allclose(line.get_ydata(), snapshots["val_loss"])
+        lines = {line.get_label(): line for line in induction.get_lines()}
+        assert len(lines) == 6 and "L1H2 (highest at the end)" in lines  # the head that forms
+        np.testing.assert_allclose(lines["L1H2 (highest at the end)"].get_ydata(), [0.0, 0.25, 1.0, 1.0])
+        assert lines["L1H2 (highest at the end)"].get_linewidth() > lines["L0H0"].get_linewidth()
+        assert len(previous.get_lines()) == 6
+        np.testing.assert_allclose(icl.get_lines()[0].get_ydata(), snapshots["repeat_icl_nats"])
+    finally:
+        plt.close(fig)

@@ -186,6 +186,7 @@ READS_FILES = {
     "stats": {"data/attention/stats.parquet"},
     "mean_patterns": {"data/attention/mean_patterns.npy"},
     "dynamics": {"data/attention/dynamics.parquet"},
+    "roles": {"data/attention/head_roles.parquet"},
     "model": {"data/attention/stats.parquet", "data/attention/examples.npz", "models/model.pt", "data/tokenizer"},
 }
 
@@ -224,6 +225,16 @@ def write_run_outputs(folder: Path) -> None:
         "mean_ablate": {"L0H0": {"loss": 3.35, "delta": 0.05}, "L1H1": {"loss": 3.48, "delta": 0.18}}}))
     (folder / "position_probe.json").write_text(json.dumps(
         {"position_probe_r2": {"embed": 0.02, "layer 0": 0.71, "layer 1": 0.93}}))
+    (folder / "head_roles.json").write_text(json.dumps({
+        "strongest": {"induction": {"head": "L1H0", "score": 0.6234}}, "induction_threshold": 0.1,
+        "uniform": {"induction": 0.0108}, "sink_rate": 0.25, "sink_threshold": 0.3,
+        "icl": {"repeat_first_copy_loss": 7.712, "repeat_second_copy_loss": 1.046, "icl_score_nats": -0.214},
+        "ablation": {"heads": ["L1H0", "L1H3"], "rise_first_copy": {"induction_heads": 0.031, "control_heads": 0.02},
+                     "rise_second_copy": {"induction_heads": 2.104, "control_heads": 0.152}}}))
+    (folder / "attention_dynamics.json").write_text(json.dumps({"roles": {"induction": {
+        "strongest_head": "L1H0", "score_last": 0.61, "largest_rise": {
+            "from_step": 30, "to_step": 45, "from_train_tokens": 491520, "to_train_tokens": 737280,
+            "from_score": 0.048, "to_score": 0.412}}}}))
 
 
 def findings_of(page: str) -> dict[str, str]:
@@ -237,7 +248,7 @@ def findings_of(page: str) -> dict[str, str]:
 def test_findings_state_the_runs_numbers_in_sentences(tmp_path):
     write_run_outputs(tmp_path)
     found = findings_of(build_report(tmp_path))
-    assert list(found) == ["learned", "heads", "interventions", "position"]
+    assert list(found) == ["learned", "heads", "induction", "copying", "interventions", "position"]
     assert "validation loss of 3.34 nats/token (1.45 bits per byte" in found["learned"]
     assert "3.01 nats below the unigram baseline of 6.34" in found["learned"]
     assert "learned well beyond token frequencies" in found["learned"]
@@ -249,6 +260,34 @@ def test_findings_state_the_runs_numbers_in_sentences(tmp_path):
     assert "most important head, layer 1 head 1" in found["interventions"] and "0.180 nats" in found["interventions"]
     assert "R² of 0.02 at embed, 0.71 at layer 0, 0.93 at layer 1" in found["position"]
     assert "most readably at layer 1 (R² 0.93)" in found["position"]
+    assert found["induction"].startswith("The strongest induction head is layer 1 head 0: on random tokens repeated "
+                                         "once it puts 0.62 of its attention on the token after the previous")
+    assert "(threshold 0.10; uniform attention scores 0.011)" in found["induction"]
+    assert "rose most between the snapshots at 491,520 and 737,280 tokens, from 0.05 to 0.41" in found["induction"]
+    assert "7.71 nats on the first copy, 1.05 on the second (on text, late tokens minus early ones: -0.21" in \
+        found["copying"]
+    assert "ablating the 2 heads with the highest induction scores (L1H0, L1H3) raises the second copy's loss by " \
+        "2.10 nats, the first copy's by 0.03, and ablating as many other heads of their layers raises the second " \
+        "copy's by 0.15" in found["copying"]
+    assert "The sink rate (share of heads with over 0.3 of their attention on the first key) is 0.25." in \
+        found["copying"]
+
+
+def test_the_induction_finding_says_plainly_when_no_head_passed_the_threshold(tmp_path):
+    write_run_outputs(tmp_path)
+    roles = json.loads((tmp_path / "head_roles.json").read_text())
+    roles["strongest"]["induction"]["score"] = 0.0412
+    (tmp_path / "head_roles.json").write_text(json.dumps(roles))
+    found = findings_of(build_report(tmp_path))["induction"]
+    assert found == ("No head passed the induction threshold of 0.10: the highest induction score, layer 1 head 0's, "
+                     "is 0.041 on random tokens repeated once; uniform attention scores 0.011.")
+    roles["strongest"]["induction"]["score"] = 0.5  # passes, but the last snapshot ranks another head first
+    (tmp_path / "head_roles.json").write_text(json.dumps(roles))
+    dynamics = json.loads((tmp_path / "attention_dynamics.json").read_text())
+    dynamics["roles"]["induction"]["strongest_head"] = "L0H1"
+    (tmp_path / "attention_dynamics.json").write_text(json.dumps(dynamics))
+    found = findings_of(build_report(tmp_path))["induction"]
+    assert "rose most" not in found and "at the last weight snapshot layer 0 head 1 scores highest" in found
 
 
 def test_findings_follow_the_numbers_not_a_particular_run(tmp_path):
@@ -264,11 +303,13 @@ def test_findings_follow_the_numbers_not_a_particular_run(tmp_path):
 @pytest.mark.parametrize("content", [None, "not json", "[1, 2]", '{"val": 3, "baseline": [], "mean_ablate": 1}',
                                      '{"position_probe_r2": {"embed": "x"}, "val_loss": "3"}'])  # fmt: skip
 def test_findings_of_missing_or_odd_inputs_are_short_sentences_never_a_crash(tmp_path, content):
-    for name in ("eval.json", "attention.json", "interventions.json", "position_probe.json"):
+    for name in ("eval.json", "attention.json", "interventions.json", "position_probe.json", "head_roles.json",
+                 "attention_dynamics.json"):
         if content is not None:
             (tmp_path / name).write_text(content)
     found = findings_of(build_report(tmp_path))
-    assert len(found) == 4
+    assert len(found) == 6
+    assert "run the head_roles stage" in found["induction"] and "run the head_roles stage" in found["copying"]
     assert "run the evaluate stage" in found["learned"]
     assert "run the attention_stats stage" in found["heads"]
     assert "run the interventions stage" in found["interventions"]
@@ -288,7 +329,8 @@ def test_findings_then_figures_then_samples_then_folded_metric_tables(tmp_path):
     before_figures = page[: page.index("<img")]
     assert before_figures.count("<table") == before_figures.count("<details") == 1  # the baseline table, folded
     metrics = page[page.index("<h2>Metrics</h2>") :]
-    assert metrics.count("<table") == metrics.count('<details class="metrics">') == 5
+    # eval, attention, dynamics, head roles, interventions, probe and train
+    assert metrics.count("<table") == metrics.count('<details class="metrics">') == 7
     assert '<a href="explorer.html">' in page
 
 

@@ -1,4 +1,5 @@
-"""Analysis: evaluation, sampling, attention capture, attention statistics (and across training),
-interventions and position probes, all scored with attnlab.model.scoring. Stages: evaluate, attention_stats,
-attention_dynamics, interventions, position_analysis. A new intervention goes in interventions.py.
+"""Analysis: evaluation, sampling, attention capture, attention statistics (and across training), head roles
+(induction, duplicate-token, previous-token, sink), interventions and position probes, all scored with
+attnlab.model.scoring. Stages: evaluate, attention_stats, attention_dynamics, head_roles, interventions,
+position_analysis. A new intervention goes in interventions.py.
 """

@@ -1,4 +1,4 @@
-"""Attention across training: the attention statistics of every weight snapshot of the train stage
+"""Attention across training: the attention statistics and head roles of every weight snapshot of the train stage
 (models/snapshots, attnlab.model.snapshots) on the validation examples of the attention_stats stage, per head.
 
 One row per (snapshot, layer, head) -> data/attention/dynamics.parquet: train_tokens, step, split ("val"), layer,
@@ -6,6 +6,12 @@ head, mean_entropy_bits, mean_support, mean_normalized_support. The per-row stat
 attnlab.analysis.stats's (batch_stats, stage_examples), and each mean is over the examples and query positions,
 summed in float64 as stats.Summary sums them, so the numbers are those of reports/attention.json's val section:
 at the last snapshot (the final weights, rounded to float16) they agree with it to within TOLERANCE.
+
+The same rows hold each head's role scores (attnlab.analysis.head_roles: induction_score, duplicate_score on the
+head_roles stage's repeated random sequences, previous_token_score, sink_score on the val examples) and, the same
+on every row of a snapshot, its val_loss on those examples, icl_score_nats (late minus early loss there) and
+repeat_icl_nats (second copy minus first copy of the repeated sequences): when induction heads form, the
+induction scores jump and repeat_icl_nats drops, next to the loss.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from attnlab.core.progress import progress_bar
+from attnlab.analysis.head_roles import ROLES, head_key, repeat_half, repeated_random_tokens, role_scores
 from attnlab.analysis.stats import HEADS_SPLIT, batch_stats, stage_examples
 from attnlab.core.device import pick_device
 from attnlab.core.errors import ConfigError
@@ -45,6 +52,19 @@ def head_means(model: Transformer, examples: torch.Tensor, batch_size: int) -> d
             sums[name] += stats[name].double().sum((0, 3)).cpu().numpy()
     n_rows = examples.shape[0] * examples.shape[1]  # rows per head
     return {f"mean_{name}": total / n_rows for name, total in sums.items()}
+
+
+def role_columns(model: Transformer, repeats: torch.Tensor, examples: torch.Tensor, batch_size: int
+                 ) -> dict[str, np.ndarray]:
+    """The role columns of one snapshot's rows -> (L, H) each: <role>_score per head, val_loss, icl_score_nats and
+    repeat_icl_nats the same for every head."""
+    roles = role_scores(model, repeats, examples, batch_size)
+    shape = roles.heads["induction"].shape
+    columns = {f"{role}_score": roles.heads[role] for role in ROLES}
+    for name, value in (("val_loss", roles.val_loss), ("icl_score_nats", roles.icl_score),
+                        ("repeat_icl_nats", roles.repeat_icl)):
+        columns[name] = np.full(shape, value)
+    return columns
 
 
 def snapshot_rows(step: int, train_tokens: int, means: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -97,9 +117,39 @@ def dynamics_metrics(table: pd.DataFrame, reference: dict | None) -> dict:
             for layer in sorted(table["layer"].unique())
         },
     }
+    if "induction_score" in table:
+        metrics["roles"] = roles_over_training(table)
     if reference is not None:
         metrics["last_vs_attention_stats"] = compare_last(last, reference)
     return metrics
+
+
+def largest_rise(part: pd.DataFrame, column: str) -> dict:
+    """Between which consecutive snapshots of one head's rows (by step) `column` rose most, and from what to what."""
+    part = part.sort_values("step")
+    values = part[column].to_numpy()
+    i = int(np.argmax(np.diff(values))) if len(values) > 1 else 0
+    j = min(i + 1, len(values) - 1)
+    tokens = part["train_tokens"]
+    return {"from_step": int(part["step"].iloc[i]), "to_step": int(part["step"].iloc[j]),
+            "from_train_tokens": int(tokens.iloc[i]), "to_train_tokens": int(tokens.iloc[j]),
+            "from_score": float(values[i]), "to_score": float(values[j])}
+
+
+def roles_over_training(table: pd.DataFrame) -> dict:
+    """attention_dynamics.json's "roles": the strongest induction head at the last snapshot, its score and the
+    snapshots between which it rose most; the first and last snapshot's ICL scores and val loss."""
+    steps = sorted(table["step"].unique())
+    first, last = table[table["step"] == steps[0]], table[table["step"] == steps[-1]]
+    best = last.loc[last["induction_score"].idxmax()]
+    layer, head = int(best["layer"]), int(best["head"])
+    part = table[(table["layer"] == layer) & (table["head"] == head)]
+    return {
+        "induction": {"strongest_head": head_key(layer, head), "score_last": float(best["induction_score"]),
+                      "largest_rise": largest_rise(part, "induction_score")},
+        **{name: {"first": float(first[name].iloc[0]), "last": float(last[name].iloc[0])}
+           for name in ("val_loss", "icl_score_nats", "repeat_icl_nats")},
+    }
 
 
 def attention_dynamics(params: Params, snapshots_dir: str | Path, tokens_dir: str | Path, out: str | Path,
@@ -120,10 +170,13 @@ def attention_dynamics(params: Params, snapshots_dir: str | Path, tokens_dir: st
         if examples is None:
             shape = (model.cfg, model.vocab_size)
             examples = stage_examples(params, tokens_dir, model, splits=(SPLIT,))[1][SPLIT]  # (N, T)
+            repeats = repeated_random_tokens(params.head_roles.n_sequences, repeat_half(model), model.vocab_size,
+                                             params.analysis.seed)  # (n_sequences, 2n), as the head_roles stage
         if (model.cfg, model.vocab_size) != shape or "train_tokens" not in meta:
             raise ConfigError(str(path), "is not a snapshot of the same run as the others in its folder: rerun the "
                               "train stage (dvc repro --force train)")
         means = head_means(model, examples, params.attention.batch_size)
+        means.update(role_columns(model, repeats, examples, params.attention.batch_size))
         frames.append(snapshot_rows(step, int(meta["train_tokens"]), means))
     table = pd.concat(frames, ignore_index=True)
     table["split"] = table["split"].astype("category")

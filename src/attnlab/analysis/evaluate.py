@@ -1,11 +1,24 @@
 """The evaluate stage's logic: validation loss against the unigram baseline, perplexity, bits per byte, the
-loss at each position of the window (and at twice the trained length), and samples."""
+loss at each position of the window, the loss against context length on the same targets, and samples.
+
+The length test is paired. Its targets are the seq_len targets of evaluate's windows (eval_starts) that have
+(M - 1) * seq_len tokens before them, M the largest of eval.context_multiples. The m x view scores each of those
+targets with the m * seq_len tokens that end at its window: a window of m * seq_len tokens starting
+(m - 1) * seq_len before evaluate's, of which only the last seq_len targets count. So the views score the same
+tokens, each with the same tokens before it as in the shorter views plus seq_len more per step: what differs
+between them is the context and the positions it sits at, never the targets. The 1x view is evaluate's own
+windows (with M = 1, all of them: its loss is val_loss). Past the trained length the positions are extended by
+their closed forms (attnlab.model.transformer.longer_context); model.pe=learned has none, so it gets the 1x view
+only, with a note in the log.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from attnlab.analysis.generate import generate, prompt_seed
 from attnlab.model.scoring import Score, score_windows, unigram_loss, window_targets
@@ -53,29 +66,90 @@ def evaluate(params: Params, model_path: Path, tokens_dir: Path, tokenizer_dir: 
     }
     by_position = {"position": list(range(seq_len)), "loss": _rounded(score.position_loss),
                    "tokens": list(score.position_tokens)}
-    longer = score_at_length(model, val_tokens, 2 * seq_len, params, log)
-    if longer is not None:
-        metrics["val_loss_at_2x_seq_len"] = round(longer.loss, 6)
-        by_position.update(position_2x=list(range(2 * seq_len)), loss_2x=_rounded(longer.position_loss),
-                           tokens_2x=list(longer.position_tokens))
+    paired = paired_length_losses(model, val_tokens, starts, params.eval.context_multiples, params.eval.batch_size,
+                                  log)
+    metrics.update(paired_metrics(paired))
+    by_position.update(paired_curves(paired, seq_len))
     processor = load_tokenizer(tokenizer_dir)
     return Evaluation(metrics, by_position, samples_markdown(model, processor, params))
 
 
-def score_at_length(model, val_tokens, length: int, params: Params, log) -> Score | None:
-    """The loss on windows of `length` tokens (past the trained length: positions extended by their closed
-    form); None, with the reason in the log, when the variant has no positions there or the split is short."""
-    if model.cfg.pe == "learned":
-        log(f"[evaluate] no loss at {length} tokens: model.pe=learned has no positions past "
-            f"model.seq_len={model.cfg.seq_len}")
-        return None
-    if len(val_tokens) < length + 1:
-        log(f"[evaluate] no loss at {length} tokens: the validation split has only {len(val_tokens):,} tokens")
-        return None
-    starts = eval_starts(len(val_tokens), length, params.eval.max_tokens)
-    batch_size = max(1, params.eval.batch_size * model.cfg.seq_len // length)  # the same tokens per batch
-    with longer_context(model, length):
-        return score_windows(model, val_tokens, starts, length, batch_size, progress=True)
+@dataclass(frozen=True)
+class PairedLengths:
+    """The length test. View m (each of multiples) scores windows of m * seq_len tokens: scores[m] is its loss at
+    every position of them, loss[m] the mean over their last seq_len positions, the n_targets targets every view
+    shares."""
+
+    multiples: tuple[int, ...]
+    loss: dict[int, float]
+    scores: dict[int, Score]
+    n_targets: int
+
+
+def usable_multiples(model, n_tokens: int, starts: np.ndarray, multiples: tuple[int, ...], log) -> tuple[int, ...]:
+    """The context multiples the model and the split allow: 1 only for model.pe=learned, and without those whose
+    windows no evaluate window has room for before it (the reason of each left out goes to the log)."""
+    seq_len = model.cfg.seq_len
+    kept = []
+    for m in multiples:
+        if m > 1 and model.cfg.pe == "learned":
+            log(f"[evaluate] no loss at {m * seq_len} tokens: model.pe=learned has no positions past "
+                f"model.seq_len={seq_len}")
+        elif m > 1 and not (starts >= (m - 1) * seq_len).any():
+            log(f"[evaluate] no loss at {m * seq_len} tokens: the validation split ({n_tokens:,} tokens) has no "
+                f"evaluate window with {(m - 1) * seq_len} tokens before it")
+        else:
+            kept.append(m)
+    return tuple(kept)
+
+
+def paired_length_losses(model, val_tokens: np.ndarray, starts: np.ndarray, multiples: tuple[int, ...],
+                         batch_size: int, log=print) -> PairedLengths:
+    """The paired length test (module docstring) on evaluate's windows `starts` (each seq_len + 1 tokens):
+    the targets of the windows with (M - 1) * seq_len tokens before them, M the largest usable multiple, each
+    scored with m * seq_len tokens of context for every usable m. batch_size is per 1x window: view m batches
+    batch_size // m windows, the same tokens per batch."""
+    seq_len = model.cfg.seq_len
+    multiples = usable_multiples(model, len(val_tokens), starts, multiples, log)
+    targets = starts[starts >= (max(multiples) - 1) * seq_len]  # (n,) starts of the 1x windows scored
+    loss, scores = {}, {}
+    for m in multiples:
+        length = m * seq_len
+        with longer_context(model, length):
+            score = score_windows(model, val_tokens, targets - (m - 1) * seq_len, length,
+                                  max(1, batch_size // m), progress=True)
+        scores[m], loss[m] = score, last_block_loss(score, (m - 1) * seq_len)
+    return PairedLengths(multiples, loss, scores, len(targets) * seq_len)
+
+
+def last_block_loss(score: Score, first: int) -> float:
+    """The mean loss over the positions from `first` on (each position weighted by its targets); the whole
+    score's loss for first = 0."""
+    if first == 0:
+        return score.loss
+    losses = np.asarray(score.position_loss[first:], dtype=np.float64)
+    counts = np.asarray(score.position_tokens[first:], dtype=np.float64)
+    return float((losses * counts).sum() / counts.sum())
+
+
+def paired_metrics(paired: PairedLengths) -> dict:
+    """eval.json's val_loss_at_<m>x_seq_len for every view (the same targets in each) and their count."""
+    out = {f"val_loss_at_{m}x_seq_len": round(paired.loss[m], 6) for m in paired.multiples}
+    return {**out, "paired_tokens_scored": paired.n_targets}
+
+
+def paired_curves(paired: PairedLengths, seq_len: int) -> dict:
+    """loss_by_position.json's paired part: the curve (context length -> loss on the shared targets) and, per view
+    past 1x, the loss at every position of its windows (position_<m>x, loss_<m>x, tokens_<m>x)."""
+    out = {"context_multiples": list(paired.multiples),
+           "context_length": [m * seq_len for m in paired.multiples],
+           "paired_loss": [round(paired.loss[m], 6) for m in paired.multiples],
+           "paired_tokens": paired.n_targets}
+    for m in paired.multiples[1:]:
+        score = paired.scores[m]
+        out.update({f"position_{m}x": list(range(m * seq_len)), f"loss_{m}x": _rounded(score.position_loss),
+                    f"tokens_{m}x": list(score.position_tokens)})
+    return out
 
 
 def _rounded(values) -> list[float]:

@@ -174,6 +174,7 @@ class InterventionScore:
     loss: float  # mean next-token cross-entropy, nats/token
     mean_entropy_bits: float  # mean over layers, heads, examples and query positions of the attention entropy
     n_tokens: int
+    position_loss: tuple[float, ...] = ()  # mean loss at each position of the batches' windows (Score's)
 
     @property
     def ppl(self) -> float:
@@ -199,7 +200,8 @@ def score_intervened(
                 n_rows += pattern.shape[:-1].numel()
 
         score = score_batches(model, batches, after_forward=add_entropy)
-    return InterventionScore(loss=score.loss, mean_entropy_bits=(entropy_sum / n_rows).item(), n_tokens=score.n_tokens)
+    return InterventionScore(loss=score.loss, mean_entropy_bits=(entropy_sum / n_rows).item(), n_tokens=score.n_tokens,
+                             position_loss=score.position_loss)
 
 
 @torch.no_grad()

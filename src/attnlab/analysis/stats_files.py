@@ -1,5 +1,5 @@
-"""The files of the attention_stats and attention_dynamics stages (data/attention/) and their loaders, without
-importing torch, so the figure and report stages start fast."""
+"""The files of the attention_stats, attention_dynamics and head_roles stages (data/attention/) and their loaders,
+without importing torch, so the figure and report stages start fast."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ STATS_FILE = "stats.parquet"  # one row per (split, example, layer, head, positi
 PATTERNS_FILE = "mean_patterns.npy"  # (L, H, T query position, T key offset) float32, NaN beyond the position
 EXAMPLES_FILE = "examples.npz"  # splits (2,), starts (2, N), tokens (2, N, T) uint16
 DYNAMICS_FILE = "dynamics.parquet"  # attention_dynamics: one row per (weight snapshot, layer, head), val examples
+HEAD_ROLES_FILE = "head_roles.parquet"  # head_roles: one row per (layer, head, role), its score and what it scored
 
 
 def load_stats(attention_dir: str | Path) -> pd.DataFrame:
@@ -35,4 +36,11 @@ def load_dynamics(attention_dir: str | Path) -> pd.DataFrame:
     path = Path(attention_dir) / DYNAMICS_FILE
     if not path.exists():
         raise ConfigError(str(path), "attention across training not found: run the attention_dynamics stage first")
+    return pq.read_table(path).to_pandas()
+
+
+def load_head_roles(attention_dir: str | Path) -> pd.DataFrame:
+    path = Path(attention_dir) / HEAD_ROLES_FILE
+    if not path.exists():
+        raise ConfigError(str(path), "head role scores not found: run the head_roles stage first")
     return pq.read_table(path).to_pandas()

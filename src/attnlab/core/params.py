@@ -18,7 +18,7 @@ import yaml
 
 from attnlab.core.errors import ConfigError
 
-PE_VARIANTS = ("rope", "rope_model_dim", "sinusoidal", "learned", "none", "complex")
+PE_VARIANTS = ("rope", "rope_model_dim", "sinusoidal", "learned", "none", "complex", "alibi")
 NORMS = ("post", "pre")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -182,9 +182,15 @@ class EvalConfig:
     sample_tokens: int = 160  # tokens generated per prompt
     sample_temperature: float = 0.8
     sample_top_k: int = 50  # 0 = sample from the full distribution
+    # The paired length test: the same targets scored with 1x, 2x, ... seq_len tokens of context (evaluate.py).
+    context_multiples: tuple[int, ...] = (1, 2, 4)
 
     def validate(self) -> None:
         _non_negative("eval.max_tokens", self.max_tokens)
+        multiples = list(self.context_multiples)
+        if not multiples or multiples[0] != 1 or any(b <= a for a, b in zip(multiples, multiples[1:])):
+            raise ConfigError("eval.context_multiples", f"{multiples} must start at 1 and increase, e.g. [1, 2, 4]: "
+                              "the paired length test compares each longer context with the trained one")
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.sample_tokens", self.sample_tokens)
         _positive("eval.sample_temperature", self.sample_temperature)
@@ -258,6 +264,17 @@ class ProbeConfig:
         _non_negative("probe.ridge", self.ridge)
 
 
+@dataclass(frozen=True)
+class HeadRolesConfig:
+    n_sequences: int = 64  # random token sequences, each repeated once: the induction and duplicate scores
+    top_k: int = 2  # induction heads mean-ablated by the causal check (and as many other heads of their layers)
+    batch_size: int = 8  # sequences per forward pass (bounds memory)
+
+    def validate(self) -> None:
+        for key in ("n_sequences", "top_k", "batch_size"):
+            _positive(f"head_roles.{key}", getattr(self, key))
+
+
 EXPLORER_MIN_TOKENS = 20  # the explorer always shows at least this many tokens (fewer only if seq_len is shorter)
 
 
@@ -296,6 +313,7 @@ class Params:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    head_roles: HeadRolesConfig = field(default_factory=HeadRolesConfig)
     explorer: ExplorerConfig = field(default_factory=ExplorerConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
@@ -322,6 +340,13 @@ class Params:
                 "explorer.n_examples",
                 f"{self.explorer.n_examples} is more than attention.n_examples={self.attention.n_examples}: the "
                 "explorer shows the first validation examples of attention_stats, which analyses that many",
+            )
+        n_heads = self.model.n_layers * self.model.n_heads
+        if self.head_roles.top_k >= n_heads:
+            raise ConfigError(
+                "head_roles.top_k",
+                f"{self.head_roles.top_k} is not below model.n_layers x model.n_heads = {n_heads}: the causal check "
+                "ablates as many other heads of the same layers as a control",
             )
         if self.interventions.n_eval_tokens < self.model.seq_len:
             raise ConfigError(

@@ -19,8 +19,8 @@ is what we fill with attnlab's weights. Piece by piece:
 - MLP: up and down with biases, exact (erf) GELU: act_fn "gelu" ("gelu_new" is the tanh approximation).
 - LayerNorm: ln1 and ln2 of each block and the final ln_f, same eps. No dropout: TransformerLens has none.
 
-Refused, before any work, with one line naming the variant: model.pe=complex and rope_model_dim, non-linear Q/K/V
-heads, and model.norm=post (check_exportable says why). Post-norm, checked: the native block is x + f(ln(x)) only.
+Refused, before any work, with one line naming the variant: model.pe=complex, rope_model_dim and alibi, non-linear
+Q/K/V heads, and model.norm=post (check_exportable says why). Post-norm, checked: the native block is x + f(ln(x)) only.
 The one post-norm decoder TransformerLens adapts is Hugging Face's OPT (do_layer_norm_before=False), which does
 compute attnlab's post-norm blocks (learned positions only, no RoPE), but TransformerLens 4.3.0's OPT adapter cannot
 run it: it expects a final LayerNorm that such an OPT lacks, and under run_with_cache it hands the next layer a
@@ -53,6 +53,9 @@ REFUSED_PE = {
     "attention projects with real linear maps",
     "rope_model_dim": "it rotates all d_model dimensions before splitting heads (each head its own frequencies), "
     "and TransformerLens rotates each head with the same frequencies",
+    "alibi": "it adds a per-head linear bias to the attention scores, and the native transformer TransformerLens "
+    "builds from a config has standard or rotary positions only (its ALiBi attention comes with the BLOOM and MPT "
+    "adapters of Hugging Face models)",
 }
 
 

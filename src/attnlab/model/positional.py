@@ -1,10 +1,13 @@
-"""Positional encodings: the sinusoidal table, RoPE (per head or over the whole model dimension) and the
-original study's complex-valued sketch. A new variant goes here, and into model.pe's choices (core.params).
+"""Positional encodings: the sinusoidal table, RoPE (per head or over the whole model dimension), ALiBi's linear
+biases and the original study's complex-valued sketch. A new variant goes here, and into model.pe's choices
+(core.params).
 
-Shapes: T sequence, D d_model, Dh head dimension.
+Shapes: T sequence, D d_model, Dh head dimension, H heads.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -57,6 +60,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """rotate_pairs with the rotation given as its cos and sin tables (T, dim/2): x (..., T, dim)."""
     work = torch.promote_types(x.dtype, torch.float32)
     return rotate_pairs(x.to(work), torch.complex(cos.to(work), sin.to(work))).to(x.dtype)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al., "Train Short, Test Long", 2022), float32 (H,).
+
+    n_heads a power of two: slope_h = 2^(-8 (h + 1) / n_heads) for h = 0..n_heads-1, a geometric sequence from
+    2^(-8/n_heads) down to 2^-8. Otherwise the paper's interpolation: the n slopes of p, the largest power of
+    two below n_heads, then every other slope of 2p (its 1st, 3rd, ...: 2^(-8 (2i + 1) / 2p)) for the remaining
+    n_heads - p heads.
+    """
+    if n_heads < 1:
+        raise ValueError(f"alibi_slopes: n_heads must be >= 1, got {n_heads}")
+
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    p = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = power_of_two(p) + power_of_two(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float64).float()
+
+
+def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The ALiBi bias added to head h's scaled scores: -slope_h * (query - key), (H, T, T) in slopes' dtype.
+
+    0 on the diagonal and falling linearly with the distance back; entries above the diagonal (key after the
+    query) come out positive and are for the causal mask to remove. Any length: nothing is tabulated.
+    """
+    position = torch.arange(seq_len, device=slopes.device, dtype=slopes.dtype)  # (T,)
+    distance = position[:, None] - position[None, :]  # (T, T) query - key
+    return -slopes[:, None, None] * distance  # (H, T, T)
 
 
 def complex_pe_angles(seq_len: int, d_model: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:

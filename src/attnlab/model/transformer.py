@@ -6,8 +6,9 @@ one fused (D, 3D) linear map where all three are linear (the common case), separ
 needs its own (model.pe=complex, non-linear Q/K/V heads).
 
 Attention has two paths with the same result:
-- fused: torch.nn.functional.scaled_dot_product_attention (used for training and plain inference);
-- explicit: scores -> causal mask -> softmax -> weights @ V, with the scores and weights passed through
+- fused: torch.nn.functional.scaled_dot_product_attention (used for training and plain inference); with
+  model.pe=alibi its linear biases go in as a float mask, -inf after the query;
+- explicit: scores (+ ALiBi's bias) -> causal mask -> softmax -> weights @ V, with the scores and weights passed through
   named identity modules (``hook_scores``, ``hook_pattern``) so that attnlab.analysis.capture can read or edit them.
 The explicit path runs whenever a hook is registered on those points, or ``force_explicit`` is set; the
 model's forward signature and return type never change.
@@ -26,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnlab.core.params import ModelConfig, parse_head_selector
-from attnlab.model.positional import ComplexLinear, rope_rotation, rotate_pairs, sinusoidal_table
+from attnlab.model.positional import (ComplexLinear, alibi_bias, alibi_slopes, rope_rotation, rotate_pairs,
+                                      sinusoidal_table)
 
 # ------------------------------------------------------------------------------------------------- hooks
 
@@ -100,7 +102,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.force_explicit = False  # set by capture/edit helpers that need the explicit path without hooks
 
-        self.hook_scores = HookPoint()  # (B, H, T, T) scaled scores, -inf above the diagonal
+        self.hook_scores = HookPoint()  # (B, H, T, T) scaled scores (+ ALiBi's bias), -inf above the diagonal
         self.hook_pattern = HookPoint()  # (B, H, T, T) attention weights, rows sum to 1
         self.hook_head_out = HookPoint()  # (B, H, T, Dh) each head's output before the output projection
 
@@ -108,6 +110,8 @@ class CausalSelfAttention(nn.Module):
             rope_dim = cfg.d_head if cfg.pe == "rope" else cfg.d_model  # complex: see complex_pe_angles
             turn = rope_rotation(cfg.seq_len, rope_dim, cfg.rope_base)
             self.register_buffer("rope_turn", turn, persistent=False)  # (T, rope_dim/2) complex64
+        if cfg.pe == "alibi":  # no position in the stream: a per-head linear bias on the scores, any length
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)  # (H,)
 
     @property
     def rope_cos(self) -> torch.Tensor:
@@ -148,6 +152,9 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.explicit:
             out = self._explicit_attention(q, k, v, dropout_p)
+        elif self.pe == "alibi":  # SDPA takes the bias as a float mask; is_causal cannot be combined with one
+            mask = self._alibi_mask(T, q.dtype)  # (H, T, T), broadcast over B
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, Dh)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, H, T, Dh)
         out = self.hook_head_out(out)  # (B, H, T, Dh)
@@ -157,6 +164,8 @@ class CausalSelfAttention(nn.Module):
     def _explicit_attention(self, q, k, v, dropout_p: float) -> torch.Tensor:
         T = q.shape[-2]
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, T)
+        if self.pe == "alibi":
+            scores = scores + alibi_bias(self.alibi_slopes, T).to(scores.dtype)  # (B, H, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) key <= query
         scores = scores.masked_fill(~causal, float("-inf"))
         scores = self.hook_scores(scores)  # (B, H, T, T)
@@ -166,6 +175,12 @@ class CausalSelfAttention(nn.Module):
         if dropout_p:
             pattern = F.dropout(pattern, p=dropout_p)
         return pattern @ v  # (B, H, T, Dh)
+
+
+    def _alibi_mask(self, T: int, dtype: torch.dtype) -> torch.Tensor:
+        """The fused path's float mask: ALiBi's bias where key <= query, -inf after it. (H, T, T) in `dtype`."""
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.alibi_slopes.device).tril()  # (T, T)
+        return alibi_bias(self.alibi_slopes, T).masked_fill(~causal, float("-inf")).to(dtype)  # (H, T, T)
 
 
 def _nonlinear_heads(cfg: ModelConfig, layer: int) -> list[int]:
@@ -306,7 +321,8 @@ def longer_context(model: Transformer, length: int) -> Iterator[Transformer]:
     """Lets the model run on sequences of up to `length` tokens inside the block, for length generalization.
 
     RoPE angles (rope, rope_model_dim, complex) and the sinusoidal table are extended by their closed forms (the
-    first seq_len rows are unchanged); the length guard is opened. Learned positions have no values past the
+    first seq_len rows are unchanged); ALiBi's bias is computed for any length and needs nothing; the length
+    guard is opened. Learned positions have no values past the
     trained length: ValueError. Everything is restored on exit, also on error.
     """
     cfg = model.cfg

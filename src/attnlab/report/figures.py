@@ -14,17 +14,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from attnlab.analysis.stats_files import EXAMPLES_FILE, load_dynamics, load_mean_patterns, load_stats
+from attnlab.analysis.stats_files import EXAMPLES_FILE, load_dynamics, load_head_roles, load_mean_patterns, load_stats
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_text
 from attnlab.core.params import Params
 from attnlab.report import plots_attention as plots
-from attnlab.report import registry
+from attnlab.report import plots_roles, registry
 from attnlab.report.style import save_figure
 
 FIGURES = {f.name: list(f.params) for f in registry.figure_stage_figures()}  # file name -> params it reads
 LOADERS = {"stats": load_stats, "mean_patterns": load_mean_patterns,  # Figure.reads -> loader(attention_dir)
-           "dynamics": load_dynamics}
+           "dynamics": load_dynamics, "roles": load_head_roles}
 # PNG file name -> its function, called with the loaded input and then the figure's params (the registry's order).
 # attn_tokens.html, the figure that reads the model, is drawn by token_view.token_view_html in render().
 DRAW: dict[str, Callable[..., plt.Figure]] = {
@@ -36,6 +36,8 @@ DRAW: dict[str, Callable[..., plt.Figure]] = {
     "attn_head_diversity.png": plots.head_diversity,
     "attn_mean_patterns.png": plots.mean_patterns,
     "attn_support_over_training.png": plots.support_over_training,
+    "head_roles.png": plots_roles.head_roles_heatmap,
+    "induction_over_training.png": plots_roles.induction_over_training,
 }
 
 

@@ -1,6 +1,7 @@
 """reports/index.html: one self-contained page of the whole study, in the order a reader wants it: the findings
 (plain sentences with the run's numbers, each computed from its outputs), then every figure with a caption
-saying what to look for, grouped as the pipeline runs (training, attention, interventions, positional encoding),
+saying what to look for, grouped as the pipeline runs (training, attention, head roles, interventions, positional
+encoding),
 the generated samples, and at the end the full metric tables, folded. It links the attention explorer
 (explorer.html, relative, next to it).
 
@@ -31,6 +32,7 @@ METRICS: list[tuple[str, str]] = [  # (title, file relative to the reports folde
     ("Evaluation", "eval.json"),
     ("Attention", "attention.json"),
     ("Attention across training", "attention_dynamics.json"),
+    ("Head roles", "head_roles.json"),
     ("Interventions", "interventions.json"),
     ("Position probe", "position_probe.json"),
 ]
@@ -269,11 +271,65 @@ def finding_position(pp: dict) -> str:
                    "apply it, rather than storing it in the stream.")
 
 
+def finding_induction(roles: dict, dynamics: dict) -> str:
+    """The strongest induction head, its score and between which snapshots it rose most; or that no head passed
+    the threshold."""
+    score, head = _number(roles, "strongest", "induction", "score"), _dict(roles, "strongest", "induction").get("head")
+    threshold = _number(roles, "induction_threshold")
+    if score is None or not isinstance(head, str) or threshold is None:
+        return "No head roles yet: reports/head_roles.json has no induction scores (run the head_roles stage)."
+    uniform = _number(roles, "uniform", "induction")
+    scale = f"; uniform attention scores {uniform:.3f}" if uniform is not None else ""
+    if score <= threshold:
+        return (f"No head passed the induction threshold of {threshold:.2f}: the highest induction score, "
+                f"{_head(head)}'s, is {score:.3f} on random tokens repeated once{scale}.")
+    text = (f"The strongest induction head is {_head(head)}: on random tokens repeated once it puts {score:.2f} of "
+            f"its attention on the token after the previous occurrence (threshold {threshold:.2f}{scale})")
+    induction = _dict(dynamics, "roles", "induction")
+    rise = _dict(induction, "largest_rise")
+    numbers = [_number(rise, key) for key in ("from_train_tokens", "to_train_tokens", "from_score", "to_score")]
+    if induction.get("strongest_head") == head and None not in numbers:
+        start, stop, before, after = numbers
+        text += (f"; across training its score rose most between the snapshots at {start:,.0f} and {stop:,.0f} "
+                 f"tokens, from {before:.2f} to {after:.2f}")
+    elif induction.get("strongest_head"):
+        text += f"; at the last weight snapshot {_head(str(induction['strongest_head']))} scores highest instead"
+    return text + "."
+
+
+def finding_copying(roles: dict) -> str:
+    """In-context learning on repeated tokens and on text, the causal check of the induction heads, the sink rate."""
+    first, second = (_number(roles, "icl", key) for key in ("repeat_first_copy_loss", "repeat_second_copy_loss"))
+    if first is None or second is None:
+        return "No in-context learning measured yet: reports/head_roles.json is missing (run the head_roles stage)."
+    text = f"On random tokens repeated once the loss is {first:.2f} nats on the first copy, {second:.2f} on the second"
+    icl = _number(roles, "icl", "icl_score_nats")
+    text += f" (on text, late tokens minus early ones: {icl:+.2f} nats)" if icl is not None else ""
+    ablation = _dict(roles, "ablation")
+    rises = [_number(ablation, *keys) for keys in (("rise_second_copy", "induction_heads"),
+                                                   ("rise_first_copy", "induction_heads"),
+                                                   ("rise_second_copy", "control_heads"))]  # fmt: skip
+    heads = ablation.get("heads")
+    if None not in rises and isinstance(heads, list):
+        text += (f"; mean-ablating the {len(heads)} heads with the highest induction scores "
+                 f"({', '.join(map(str, heads))}) raises the second copy's loss by {rises[0]:.2f} nats, the first "
+                 f"copy's by {rises[1]:.2f}, and ablating as many other heads of their layers raises the second "
+                 f"copy's by {rises[2]:.2f}")
+    rate, threshold = _number(roles, "sink_rate"), _number(roles, "sink_threshold")
+    if rate is not None and threshold is not None:
+        text += (f". The sink rate (share of heads with over {threshold:.1f} of their attention on the first key) "
+                 f"is {rate:.2f}")
+    return text + "."
+
+
 def findings(reports: Path) -> list[tuple[str, str]]:
     """(topic, sentence) for the top of the page, each computed from the run's outputs."""
+    roles = _read(reports, "head_roles.json")
     return [
         ("learned", finding_learned(_read(reports, "eval.json"))),
         ("heads", finding_heads(_read(reports, "attention.json"))),
+        ("induction", finding_induction(roles, _read(reports, "attention_dynamics.json"))),
+        ("copying", finding_copying(roles)),
         ("interventions", finding_interventions(_read(reports, "interventions.json"))),
         ("position", finding_position(_read(reports, "position_probe.json"))),
     ]

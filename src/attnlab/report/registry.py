@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SECTIONS = ("Training", "Attention", "Interventions", "Positional encoding")  # the page's order
+SECTIONS = ("Training", "Attention", "Head roles", "Interventions", "Positional encoding")  # the page's order
 FIGURE_STAGE = "figure"  # dvc.yaml's foreach stage (figure@<name>): figures of stages/figure.py of stats.parquet alone
-READS = ("stats", "mean_patterns", "model", "dynamics")  # what stages/figure.py loads for a figure (see figures.py)
+READS = ("stats", "mean_patterns", "model", "dynamics", "roles")  # what stages/figure.py loads (see figures.py)
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,10 @@ FIGURES: tuple[Figure, ...] = (
     ),
     Figure(
         "loss_by_position.png", "Training",
-        "Validation loss at each position of the window: how much the model gains from more context, and (red) "
-        "what happens past the trained length, where a positional encoding that does not generalize breaks down.",
+        "Left: validation loss at each position of the window, how much the model gains from more context, and "
+        "(red) past the trained length, where a positional encoding that does not generalize breaks down. Right: "
+        "the paired length test, the same targets scored with m x seq_len tokens of context for each m of "
+        "eval.context_multiples: a point below the 1x one means the longer context helps.",
         stage="loss_curve",
     ),
     _attention(
@@ -114,6 +116,19 @@ FIGURES: tuple[Figure, ...] = (
         "and the least support.",
         stage="figure_tokens", reads="model",
         params=("attention.token_view_layer", "attention.token_view_head", "attention.token_view_position"),
+    ),
+    Figure(
+        "head_roles.png", "Head roles",
+        "Each head's mean attention to the key of each role (0 to 1): induction and duplicate-token on random tokens "
+        "repeated once, previous-token and sink on validation text; a bright cell is a head that does that job.",
+        stage="figure_head_roles", reads="roles",
+    ),
+    Figure(
+        "induction_over_training.png", "Head roles",
+        "The val loss, each head's induction and previous-token scores, and in-context learning at every weight "
+        "snapshot against tokens seen: an induction head forming shows as a jump of its score with a drop of the "
+        "repeated copy's loss at the same tokens.",
+        stage="figure_induction_over_training", reads="dynamics",
     ),
     _intervention(
         "intervention_temperature.png",
