@@ -102,6 +102,12 @@ DYNAMICS_ARGS = [
 ]  # fmt: skip
 
 
+ROLES_ARGS = [
+    "--params", "params.yaml", "--model", "models/model.pt", "--tokens", "data/tokens",
+    "--out", "data/attention/head_roles.parquet", "--metrics", "reports/head_roles.json",
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     project = build_project(tmp_path_factory.mktemp("attention"))
@@ -114,6 +120,8 @@ def project(tmp_path_factory) -> Path:
     result = run_stage("attention_dynamics.py", *DYNAMICS_ARGS, cwd=project)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("attention_dynamics: 2 snapshots")
+    roles = run_stage("head_roles.py", *ROLES_ARGS, cwd=project)  # head_roles.png reads its table
+    assert roles.returncode == 0, roles.stderr
     return project
 
 
