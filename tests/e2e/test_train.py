@@ -23,7 +23,7 @@ from attnlab.core.params import ModelConfig, TrainConfig
 from attnlab.training.schedule import autocast_dtype, precision_choice
 
 
-# The train stage's bare step, bf16 autocast against fp32, side by side on a Xeon with AMX (docs/performance.md,
+# The train stage's bare step, bf16 autocast against fp32, side by side on a CPU with AMX (docs/performance.md,
 # "The precision rule"): (d_model, seq_len, n_layers, vocab_size, bf16 tokens/s over fp32 tokens/s).
 MEASURED_BF16_OVER_FP32 = [
     (128, 128, 2, 2048, 0.88), (128, 128, 4, 8192, 1.01), (64, 512, 4, 8192, 0.89), (128, 192, 4, 8192, 1.19),
