@@ -165,7 +165,7 @@ def test_the_report_opens_on_findings_then_a_figure_before_any_unfolded_table(br
     )
     assert order["findingsFirst"] and order["figureShown"]
     assert order["shownTablesBefore"] == 0 and order["foldedTablesBefore"] == 1  # the baseline table, folded
-    assert order["metricTables"] == 6  # train, eval, attention, attention_dynamics, interventions, position_probe
+    assert order["metricTables"] == 7  # train, eval, attention, attention_dynamics, head_roles, interventions, position_probe
     href = page.get_attribute('#findings a[href="explorer.html"]', "href")
     assert href == "explorer.html" and (reports / href).is_file()
     assert watched.errors == []

@@ -3,6 +3,7 @@ then, and never lets an extra replace the installed torch. Run with a fake .venv
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -34,7 +35,10 @@ def make(project: Path, *args: str) -> list[str]:
     """Run make in the copy; the fake python's calls it made."""
     log = project / ".venv" / "calls.log"
     log.unlink(missing_ok=True)
-    proc = subprocess.run(["make", *args], cwd=project, capture_output=True, text=True, timeout=60)
+    # A make that runs this test (`make test EXTRAS=dev,lens`) passes its command-line variables down through
+    # MAKEFLAGS; the copy must see only the arguments given here.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", *args], cwd=project, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return log.read_text().splitlines() if log.exists() else []
 
