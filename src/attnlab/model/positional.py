@@ -53,6 +53,19 @@ def rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
+def rotate_heads(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """RoPE per head on a row of several heads: x (B, T, n * Dh) holds n heads of Dh side by side (e.g. q's
+    heads, then k's), and each head's pairs turn by the same angles, turn (>= T, Dh/2) from rope_rotation.
+
+    The turn is laid out once for the whole row, (T, n * Dh/2), so that the product runs along rows of n * Dh/2
+    complex numbers instead of broadcasting over heads in steps of Dh/2: the same numbers as rotating each head
+    on its own (rotate_pairs on (B, T, n, Dh)), in one pass. Returns x's shape and dtype.
+    """
+    T, width = x.shape[-2], x.shape[-1]
+    n = width // (2 * turn.shape[-1])
+    return rotate_pairs(x, turn[:T].repeat(1, n))  # turn (T, n * Dh/2): head h's pairs at [h Dh/2, (h+1) Dh/2)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """rotate_pairs with the rotation given as its cos and sin tables (T, dim/2): x (..., T, dim)."""
     work = torch.promote_types(x.dtype, torch.float32)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnlab.core.params import ModelConfig, parse_head_selector
-from attnlab.model.positional import ComplexLinear, rope_rotation, rotate_pairs, sinusoidal_table
+from attnlab.model.positional import ComplexLinear, rope_rotation, rotate_heads, rotate_pairs, sinusoidal_table
 
 # ------------------------------------------------------------------------------------------------- hooks
 
@@ -139,16 +139,25 @@ class CausalSelfAttention(nn.Module):
             return self.q_proj(x_pos), self.k_proj(x_pos), self.v_proj(x)  # v real, without position
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def rotated_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V of x (B, T, D) as the scores use them: q and k with RoPE where model.pe is rope or
+        rope_model_dim. Each (B, T, D)."""
+        T, D = x.shape[1], self.d_model
+        if self.pe == "rope" and self.fused:  # per head, q and k in one product: [q | k] is 2H heads side by side
+            qkv = self.qkv(x)  # (B, T, 3D)
+            qk = rotate_heads(qkv[..., : 2 * D], self.rope_turn)  # (B, T, 2D)
+            return qk[..., :D], qk[..., D:], qkv[..., 2 * D :]  # (B, T, D) each
+        q, k, v = self.projections(x)  # (B, T, D) each
+        if self.pe == "rope":  # per head: scores depend on relative position only
+            q, k = rotate_heads(q, self.rope_turn), rotate_heads(k, self.rope_turn)
+        if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
+            q, k = rotate_pairs(q, self.rope_turn[:T]), rotate_pairs(k, self.rope_turn[:T])
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         H, Dh = self.n_heads, self.d_head
-        q, k, v = self.projections(x)  # (B, T, D) each
-        if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
-            q, k = rotate_pairs(q, self.rope_turn[:T]), rotate_pairs(k, self.rope_turn[:T])
-        if self.pe == "rope":  # per head: scores depend on relative position only
-            turn = self.rope_turn[:T, None]  # (T, 1, Dh/2): the same turn for every head
-            q = rotate_pairs(q.view(B, T, H, Dh), turn).view(B, T, D)
-            k = rotate_pairs(k.view(B, T, H, Dh), turn).view(B, T, D)
+        q, k, v = self.rotated_projections(x)  # (B, T, D) each
         q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = k.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         v = v.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
