@@ -22,6 +22,7 @@ import yaml
 from attnlab.core.errors import ConfigError
 from attnlab.core.params import Params
 from attnlab.model.checkpoint import load_model
+from attnlab.model.loss import NextTokenLoss
 from attnlab.training import loop
 from attnlab.training.schedule import make_optimizer
 
@@ -108,9 +109,9 @@ def stage_step(params: Params, tokens: str | Path, folder: Path, model: torch.nn
     if model is not None:
         model = model.to(run.device)
         optimizer = make_optimizer(model, params.train, run.device)
-        run = dataclasses.replace(run, model=model, train_model=model, optimizer=optimizer)
+        run = dataclasses.replace(run, model=model, train_model=NextTokenLoss(model), optimizer=optimizer)
     if compile:
-        run.train_model = torch.compile(run.model)
+        run.train_model = torch.compile(run.train_model)
     return lambda i: loop.train_step(run, i)
 
 

@@ -271,6 +271,11 @@ class Transformer(nn.Module):
         return [block.attn for block in self.blocks]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.residual(idx) @ self.tok_emb.weight.t()  # (B, T, V) tied head
+
+    def residual(self, idx: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block and ln_f, what the tied head reads: (B, T, D). The train
+        stage's loss takes it from here (attnlab.model.loss), so that the logits are never materialised."""
         B, T = idx.shape
         if T > self.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len} "
@@ -283,8 +288,7 @@ class Transformer(nn.Module):
         x = self.hook_embed(self.drop(x))
         for block in self.blocks:
             x = block(x)  # (B, T, D)
-        x = self.ln_f(x)
-        return x @ self.tok_emb.weight.t()  # (B, T, V) tied head
+        return self.ln_f(x)  # (B, T, D)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
