@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnlab.analysis.capture import capture_attention
-from attnlab.analysis.stats import STAT_NAMES, offset_patterns, row_stats, stream_attention_stats
+from attnlab.analysis.stats import CAUSAL_TOLERANCE, STAT_NAMES, offset_patterns, row_stats, stream_attention_stats
 from attnlab.core.params import ModelConfig
 from attnlab.model.transformer import Transformer
 
@@ -110,6 +110,20 @@ def test_row_stats_tolerates_rounding_after_the_query():
     tiny_leak = weights + 1e-8 * torch.ones(6, 6).triu(1)  # (B, H, T, T) far below CAUSAL_TOLERANCE per row
     for name, value in row_stats(tiny_leak).items():
         torch.testing.assert_close(value, row_stats(weights)[name], atol=1e-6, rtol=1e-6)
+
+
+def test_many_tiny_leaks_pass_one_large_leak_is_named_whatever_the_rest_of_its_matrix():
+    """check_causal first sums each matrix's weight after the diagonal: rows that each leak less than the
+    tolerance can add up to more than it, and must still pass; one leaking row among many clean ones fails."""
+    T = 64
+    weights = causal_softmax(torch.randn(2, 1, T, T, generator=torch.Generator().manual_seed(5)))  # (B, H, T, T)
+    tiny = weights + 1.5e-8 * torch.ones(T, T).triu(1)  # each row < 1e-6 after t, each matrix ~3e-5 in all
+    assert float(torch.triu(tiny, 1).sum((-1, -2)).min()) > CAUSAL_TOLERANCE
+    row_stats(tiny)
+    leaky = weights.clone()
+    leaky[1, 0, 40, 41] = 1e-5  # one row of the second matrix
+    with pytest.raises(ValueError, match=r"index \(1, 0, 40\) \(query position 40\)"):
+        row_stats(leaky)
 
 
 def test_row_stats_bounds_and_support_identity():

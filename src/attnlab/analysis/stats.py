@@ -57,7 +57,16 @@ CAUSAL_TOLERANCE = 1e-6  # most weight a row may put on keys after its query bef
 
 def check_causal(p: torch.Tensor) -> None:
     """Raise ValueError naming the first row of p (..., T, T) with more than CAUSAL_TOLERANCE weight on keys after
-    its query position. NaN rows pass: row_stats returns NaN for them rather than hiding them."""
+    its query position. NaN rows pass: row_stats returns NaN for them rather than hiding them.
+
+    First, one matrix-vector product sums each (T, T) matrix's weight after the diagonal, reading p once and
+    writing nothing; for weights >= 0 (a negative weight makes its row's entropy NaN) no row can exceed the
+    tolerance when its matrix's sum does not. Only a matrix over it is searched row by row.
+    """
+    T = p.shape[-1]
+    upper = torch.ones(T, T, dtype=p.dtype, device=p.device).triu_(1).reshape(T * T)  # (T*T,) 1 where key > query
+    if not bool((p.reshape(-1, T * T) @ upper > CAUSAL_TOLERANCE).any()):  # (N,) each matrix's weight after t
+        return
     after = torch.triu(p, diagonal=1).abs_().sum(-1)  # (..., T) weight on keys j > t
     bad = after > CAUSAL_TOLERANCE
     if bool(bad.any()):
@@ -186,7 +195,7 @@ def batch_stats(
     before it is freed.
     """
     with torch.inference_mode(), capture_attention(model) as cache:
-        model(batch)
+        model.residual(batch)  # every layer's attention, without the tied head's logits, which no statistic reads
         per_layer = []
         for layer in range(model.cfg.n_layers):
             weights = cache.pop(layer)  # (B, H, T, T); freed once its stats are taken

@@ -172,10 +172,13 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(out)
 
     def _explicit_attention(self, q, k, v, dropout_p: float) -> torch.Tensor:
-        T = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) key <= query
-        scores = scores.masked_fill(~causal, float("-inf"))
+        B, H, T, Dh = q.shape
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
+        mask = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu_(1)  # (T, T) -inf: key > query
+        # mask + (q @ k^T) / sqrt(Dh) in one batched GEMM: its output starts as the mask, and the scaled product
+        # is added onto it, so the scores are written once
+        scores = torch.baddbmm(mask.expand(B * H, T, T), q.reshape(B * H, T, Dh), k.reshape(B * H, T, Dh).transpose(1, 2),
+                               alpha=1.0 / math.sqrt(Dh)).view(B, H, T, T)  # (B, H, T, T)
         scores = self.hook_scores(scores)  # (B, H, T, T)
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 up to fp32; fp64 stays fp64
         pattern = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)  # (B, H, T, T)
