@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from attnlab.core.params import ModelConfig
 from attnlab.model import loss as loss_module
-from attnlab.model.loss import NextTokenLoss, head_cross_entropy
+from attnlab.model.loss import NextTokenLoss, head_cross_entropy, head_token_losses
 from attnlab.model.transformer import Transformer, lm_loss
 
 
@@ -87,3 +87,15 @@ def test_next_token_loss_of_another_model_goes_through_its_logits():
     model = Bigram()
     x = torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(2))
     assert NextTokenLoss(model)(x, x) == lm_loss(model(x), x)
+
+
+@pytest.mark.parametrize("block_logits", [16 * 64, 23 * 64], ids=["blocks", "remainder"])
+def test_per_row_losses_are_the_plain_cross_entropy_per_row(block_logits, monkeypatch):
+    monkeypatch.setattr(loss_module, "BLOCK_LOGITS", block_logits)
+    residual, weight, targets = problem()
+    got = head_token_losses(residual.view(4, 25, -1), weight, targets.view(4, 25))  # (B, T) in, (B, T) out
+    want = F.cross_entropy(residual @ weight.t(), targets, reduction="none").view(4, 25)
+    assert got.shape == (4, 25) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    moved = head_token_losses(residual.view(4, 25, -1), weight, torch.roll(targets, 1).view(4, 25))
+    assert not torch.allclose(moved, want)  # the targets are read, row by row

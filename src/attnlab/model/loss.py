@@ -8,6 +8,8 @@ gradients of the residual and of the head's weight while they are still in cache
 log-softmax and its gradient (three tensors of B * T * V floats: 16 MB each at the quick profile, 512 MB at the
 study's shape) are never materialised, and the backward pass only scales the gradients made forward. Elsewhere
 (CUDA, MPS, where torch.compile fuses the loss on its own) it is the plain ``F.cross_entropy`` of the logits.
+:func:`head_token_losses` is the same blocked head for scoring (attnlab.model.scoring): a loss per row, no
+gradients.
 
 Shapes: N rows (B * T), D d_model, V vocabulary, C rows per block.
 """
@@ -36,6 +38,21 @@ def head_cross_entropy(residual: torch.Tensor, weight: torch.Tensor, targets: to
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else residual.dtype
     with torch.autocast(device, enabled=False):
         return _BlockedHeadLoss.apply(residual, weight, targets, dtype)
+
+
+@torch.no_grad()
+def head_token_losses(residual: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each row's next-token cross-entropy under the tied head, without gradients: residual (..., D), weight
+    (V, D), targets (...) -> losses (...) float32, F.cross_entropy(residual @ weight.T, reduction="none") made
+    a block of rows at a time (logsumexp - target logit), so that only one block of logits exists at once."""
+    flat, y = residual.reshape(-1, residual.shape[-1]), targets.reshape(-1)  # (N, D), (N,)
+    losses = torch.empty(len(y), dtype=torch.float32, device=residual.device)  # (N,)
+    rows = max(16, BLOCK_LOGITS // weight.shape[0])
+    for first in range(0, len(y), rows):
+        logits = (flat[first : first + rows] @ weight.t()).float()  # (C, V)
+        target = logits.gather(1, y[first : first + rows, None]).squeeze(1)  # (C,)
+        torch.sub(torch.logsumexp(logits, dim=-1), target, out=losses[first : first + rows])
+    return losses.view(targets.shape)
 
 
 class _BlockedHeadLoss(torch.autograd.Function):
