@@ -170,6 +170,12 @@ def test_nan_weights_are_not_hidden():
     assert torch.isnan(row_stats(weights)["entropy_bits"]).all()
 
 
+def test_a_negative_weight_gives_a_nan_entropy_not_a_clamped_one():
+    weights = torch.tensor([[1.0, 0.0, 0.0], [1.2, -0.2, 0.0], [0.2, 0.3, 0.5]])[None, None]  # (1, 1, T, T)
+    entropy = row_stats(weights)["entropy_bits"][0, 0]
+    assert torch.isnan(entropy[1]) and not torch.isnan(entropy[0]) and not torch.isnan(entropy[2])
+
+
 def test_offset_patterns_reindex_against_loop():
     rng = np.random.default_rng(0)
     sums = rng.random((2, 3, 6, 6))

@@ -90,7 +90,8 @@ def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     check_causal(p)
     position = torch.arange(T, device=p.device, dtype=torch.float32)  # (T,) query position t
     max_bits = torch.log2(position + 1.0)  # (T,) log2(number of visible keys)
-    entropy_nats = -torch.special.xlogy(p, p).sum(-1)  # (..., T); xlogy(0, 0) = 0
+    entropy_nats = torch.special.entr(p).sum(-1)  # (..., T); entr(p) = -p ln p, entr(0) = 0 (xlogy's numbers, faster)
+    entropy_nats = entropy_nats.masked_fill(entropy_nats == float("-inf"), float("nan"))  # a weight < 0: NaN, shown
     # Rounding can step a hair outside the exact bounds [0, log2(t+1)]; NaN stays NaN (clamp keeps it).
     entropy_bits = torch.minimum((entropy_nats / math.log(2.0)).clamp_min(0.0), max_bits)
     support = torch.exp2(entropy_bits)

@@ -227,6 +227,7 @@ class InterventionsConfig:
     n_eval_tokens: int = 65536  # validation tokens scored per intervention (whole sequences)
     mean_tokens: int = 65536  # train tokens used to compute each head's mean output (mean-ablation)
     batch_size: int = 8
+    points_per_pass: int = 4  # sweep points scored in one forward pass, each on its own copy of the batch
     temperatures: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
     top_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 512)
     sample_tokens: int = 120  # tokens generated per prompt for intervention_samples.md
@@ -235,6 +236,7 @@ class InterventionsConfig:
         _positive("interventions.n_eval_tokens", self.n_eval_tokens)
         _positive("interventions.mean_tokens", self.mean_tokens)
         _positive("interventions.batch_size", self.batch_size)
+        _positive("interventions.points_per_pass", self.points_per_pass)
         _positive("interventions.sample_tokens", self.sample_tokens)
         if not self.temperatures:
             raise ConfigError("interventions.temperatures", "needs at least one temperature")
