@@ -59,6 +59,8 @@ BAD_PARAMS = {
         "more than attention.n_examples=8",
     ),
     "explorer too few tokens": ({"explorer": {"max_tokens": 10}}, "explorer.max_tokens", "at least 20 tokens"),
+    "negative length test": ({"eval": {"length_test_tokens": -1}}, "eval.length_test_tokens", ">= 0"),
+    "zero points per pass": ({"interventions": {"points_per_pass": 0}}, "interventions.points_per_pass", "> 0"),
 }
 
 

@@ -87,3 +87,20 @@ def test_evaluate_leaves_out_the_2x_loss_of_learned_positions_and_says_why():
     assert "only" in lines[-1]
     score = score_at_length(rope, tokens, 2 * T, Params(), lines.append)
     assert score is not None and len(score.position_loss) == 2 * T
+
+
+def test_the_length_test_scores_eval_length_test_tokens_and_none_at_zero():
+    from dataclasses import replace
+
+    from attnlab.analysis.evaluate import score_at_length
+    from attnlab.core.params import EvalConfig, Params
+
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=20 * T + 1).astype(np.uint16)
+    rope = tiny_model(VOCAB, seq_len=T)
+    lines: list[str] = []
+    for budget, windows in ((6 * T, 3), (2 * T, 1), (10**6, 10)):  # whole windows of 2T, at most the split's 10
+        params = replace(Params(), eval=EvalConfig(length_test_tokens=budget, max_tokens=4 * T))
+        assert score_at_length(rope, tokens, 2 * T, params, lines.append).n_tokens == windows * 2 * T, budget
+    off = replace(Params(), eval=EvalConfig(length_test_tokens=0))
+    assert score_at_length(rope, tokens, 2 * T, off, lines.append) is None
+    assert "eval.length_test_tokens is 0" in lines[-1]

@@ -69,10 +69,13 @@ def score_at_length(model, val_tokens, length: int, params: Params, log) -> Scor
         log(f"[evaluate] no loss at {length} tokens: model.pe=learned has no positions past "
             f"model.seq_len={model.cfg.seq_len}")
         return None
+    if not params.eval.length_test_tokens:
+        log(f"[evaluate] no loss at {length} tokens: eval.length_test_tokens is 0")
+        return None
     if len(val_tokens) < length + 1:
         log(f"[evaluate] no loss at {length} tokens: the validation split has only {len(val_tokens):,} tokens")
         return None
-    starts = eval_starts(len(val_tokens), length, params.eval.max_tokens)
+    starts = eval_starts(len(val_tokens), length, params.eval.length_test_tokens)
     batch_size = max(1, params.eval.batch_size * model.cfg.seq_len // length)  # the same tokens per batch
     with longer_context(model, length):
         return score_windows(model, val_tokens, starts, length, batch_size, progress=True)

@@ -177,14 +177,16 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     max_tokens: int = 1_000_000  # validation tokens scored (whole windows); 0 = the whole split
+    length_test_tokens: int = 65536  # validation tokens scored at 2 x model.seq_len (whole windows); 0 = no test
     batch_size: int = 16
     prompts: tuple[str, ...] = ("import torch\n", "def forward(self, x):\n", "class ")
-    sample_tokens: int = 160  # tokens generated per prompt
+    sample_tokens: int = 160  # tokens generated per prompt: one forward pass each
     sample_temperature: float = 0.8
     sample_top_k: int = 50  # 0 = sample from the full distribution
 
     def validate(self) -> None:
         _non_negative("eval.max_tokens", self.max_tokens)
+        _non_negative("eval.length_test_tokens", self.length_test_tokens)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.sample_tokens", self.sample_tokens)
         _positive("eval.sample_temperature", self.sample_temperature)
