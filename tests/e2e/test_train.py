@@ -21,8 +21,8 @@ from builders import (
 
 from attnlab.core.device import cpu_flags_have_bf16, native_bf16, pick_device
 from attnlab.core.errors import ConfigError
-from attnlab.core.params import TrainConfig, load_params
-from attnlab.training.schedule import Budget, autocast_dtype, lr_at, make_budget
+from attnlab.core.params import ModelConfig, TrainConfig, load_params
+from attnlab.training.schedule import Budget, autocast_dtype, lr_at, make_budget, precision_choice
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -48,16 +48,43 @@ def test_budget_follows_tokens_per_param_unless_max_tokens_is_set(tmp_path):
     assert budget.steps == 100_000 // (32 * 512)
 
 
-def test_precision_auto_is_bf16_only_where_bf16_is_native():
+# The train stage's bare step, bf16 autocast against fp32, side by side on a Xeon with AMX (docs/performance.md,
+# "The precision rule"): (d_model, seq_len, n_layers, vocab_size, bf16 tokens/s over fp32 tokens/s).
+MEASURED_BF16_OVER_FP32 = [
+    (128, 128, 2, 2048, 0.88), (128, 128, 4, 8192, 1.01), (64, 512, 4, 8192, 0.89), (128, 192, 4, 8192, 1.19),
+    (96, 512, 4, 8192, 1.12), (160, 128, 4, 8192, 1.14), (128, 256, 4, 8192, 1.21), (192, 128, 4, 2048, 1.22),
+    (128, 512, 4, 8192, 1.27), (256, 128, 4, 2048, 1.44), (256, 256, 4, 8192, 1.62), (192, 512, 4, 8192, 1.41),
+    (256, 512, 4, 8192, 1.65), (448, 512, 4, 8192, 1.87),
+]
+
+
+@pytest.mark.parametrize(("d_model", "seq_len", "n_layers", "vocab_size", "speedup"), MEASURED_BF16_OVER_FP32)
+def test_precision_auto_picks_the_faster_precision_measured_on_a_native_bf16_cpu(d_model, seq_len, n_layers,
+                                                                                  vocab_size, speedup):
+    """auto against the measurements: bf16 where it was clearly faster, fp32 where it was slower; within 2% of
+    a tie either is right."""
+    model = ModelConfig(d_model=d_model, seq_len=seq_len, n_layers=n_layers, d_ff=4 * d_model)
+    chosen = autocast_dtype(TrainConfig(precision="auto"), model, torch.device("cpu"), native=True)
+    if speedup > 1.02:
+        assert chosen is torch.bfloat16, (d_model, seq_len, speedup)
+    elif speedup < 0.98:
+        assert chosen is None, (d_model, seq_len, speedup)
+
+
+def test_precision_auto_is_fp32_where_bf16_is_emulated_or_not_offered_and_explicit_choices_stand():
     auto, fp32, bf16 = TrainConfig(precision="auto"), TrainConfig(precision="fp32"), TrainConfig(precision="bf16")
-    cpu = torch.device("cpu")
-    assert autocast_dtype(auto, cpu, native=True) is torch.bfloat16  # e.g. a Xeon with AMX
-    assert autocast_dtype(auto, cpu, native=False) is None  # emulated bf16: far slower than fp32
-    assert autocast_dtype(auto, torch.device("mps"), native=True) is None
-    assert autocast_dtype(auto, cpu) is (torch.bfloat16 if native_bf16(cpu) else None)  # this machine's flags
+    cpu, study, quick = torch.device("cpu"), ModelConfig(d_model=128, seq_len=512), ModelConfig(d_model=128, seq_len=128)
+    assert autocast_dtype(auto, study, cpu, native=False) is None  # emulated bf16: ~15x slower than fp32
+    assert autocast_dtype(auto, study, torch.device("mps"), native=True) is None
+    assert autocast_dtype(auto, quick, torch.device("cuda"), native=True) is torch.bfloat16  # any shape on a GPU
+    assert autocast_dtype(auto, study, torch.device("cuda"), native=False) is None  # a GPU without bf16
+    assert autocast_dtype(auto, study, cpu) is (torch.bfloat16 if native_bf16(cpu) else None)  # this machine's flags
     for device in (cpu, torch.device("cuda"), torch.device("mps")):  # an explicit choice is taken as it is
-        assert autocast_dtype(fp32, device, native=True) is None
-        assert autocast_dtype(bf16, device, native=False) is torch.bfloat16
+        for model in (quick, study):
+            assert autocast_dtype(fp32, model, device, native=True) is None
+            assert autocast_dtype(bf16, model, device, native=False) is torch.bfloat16
+    dtype, why = precision_choice(auto, quick, cpu, native=True)
+    assert dtype is None and "896" in why  # the reason names the shape's size against the rule
     assert cpu_flags_have_bf16("fpu avx2 avx512f avx512_bf16".split())
     assert cpu_flags_have_bf16("fpu avx2 amx_tile amx_bf16".split())
     assert not cpu_flags_have_bf16("fpu avx2 avx512f avx512_vnni".split())  # no bf16 instructions: emulated
@@ -180,7 +207,10 @@ def test_train_json_names_the_resolved_precision_and_the_fp32_validation(tmp_pat
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "train.json").read_text())
     assert metrics["precision"] in ("fp32", "bf16") and metrics["val_precision"] == "fp32"
-    assert ("(bf16 autocast)" if metrics["precision"] == "bf16" else "(fp32)") in result.stderr  # said at the start
+    said = "(bf16 autocast: auto: " if metrics["precision"] == "bf16" else "(fp32: auto: "
+    assert said in result.stderr and metrics["precision_reason"].startswith("auto: ")  # said at the start, and kept
+    if native_bf16(torch.device("cpu")):  # d_model 32, seq_len 32: too small for bf16 to gain
+        assert metrics["precision"] == "fp32" and "= 224 < " in metrics["precision_reason"]
 
 
 def test_a_non_finite_loss_stops_with_a_message_naming_the_step(tmp_path, token_dir):

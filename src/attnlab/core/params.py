@@ -118,7 +118,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     device: str = "auto"  # auto: CUDA, then MPS, then CPU; or cpu, cuda, cuda:N, mps
-    precision: str = "auto"  # auto: bf16 autocast where native (CUDA, AMX/avx512_bf16 CPUs), else fp32; fp32; bf16
+    precision: str = "auto"  # auto: the faster where native bf16 (training.schedule.precision_choice); fp32; bf16
     compile: bool = True  # torch.compile on CUDA (ignored on CPU/MPS)
     batch_size: int = 32  # global batch in sequences (summed over all processes)
     micro_batch_size: int = 0  # per-process sequences per forward; 0 = the whole per-process batch

@@ -35,7 +35,7 @@ from attnlab.model.transformer import Transformer, flops_per_token
 from attnlab.training.checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from attnlab.training.distributed import Dist, check_world, dist_from_env
 from attnlab.training.monitor import LOG_COLUMNS, VAL_COLUMNS, LearningWatch, append_log, warn_if_long, write_log
-from attnlab.training.schedule import (Budget, autocast, autocast_dtype, lr_at, make_budget, make_optimizer,
+from attnlab.training.schedule import (Budget, autocast, lr_at, make_budget, make_optimizer, precision_choice,
                                       precision_name)
 from attnlab.model.snapshots import prune_snapshots, save_snapshot
 
@@ -79,6 +79,7 @@ class Run:
     val_rows: list = field(default_factory=list)  # [step, tokens, val_loss]
     pending: list = field(default_factory=list)  # [(step, lr, loss tensor)] not yet moved to the host
     eval_seconds: float = 0.0
+    precision_reason: str = ""  # why the precision is what it is (schedule.precision_choice)
     warned_long: bool = False
     last_checkpoint_time: float = field(default_factory=time.time)
 
@@ -168,7 +169,7 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
         torch.backends.cudnn.allow_tf32 = True
 
     budget = make_budget(params, vocab_size)
-    amp = autocast_dtype(cfg, device)
+    amp, why = precision_choice(cfg, params.model, device)
     torch.manual_seed(params.seed)
     model = Transformer(params.model, vocab_size).to(device)
     val_starts = eval_starts(len(val_tokens), params.model.seq_len, cfg.eval_tokens)
@@ -179,9 +180,10 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
         train_tokens=train_tokens,
         val_tokens=val_tokens, val_starts=val_starts, model=model, train_model=NextTokenLoss(model),
         optimizer=make_optimizer(model, cfg, device), watch=LearningWatch(unigram, budget.steps),
+        precision_reason=why,
     )
     run.log(
-        f"device {device} ({'bf16 autocast' if run.amp else 'fp32'}), {world.world_size} process(es); "
+        f"device {device} ({'bf16 autocast' if run.amp else 'fp32'}: {why}), {world.world_size} process(es); "
         f"{budget.n_params:,} params, {budget.total_tokens:,} tokens = {budget.steps:,} steps of "
         f"{budget.tokens_per_step:,} ({budget.total_tokens / budget.n_params:.1f} tokens/param); "
         f"unigram baseline {unigram:.4f} nats"
@@ -313,6 +315,7 @@ def finish(run: Run, elapsed: float) -> dict:
     metrics = {
         "device": str(run.device.type),
         "precision": precision_name(run.amp),
+        "precision_reason": run.precision_reason,
         "val_precision": "fp32",  # validation scores in fp32 whatever the training precision (model.scoring)
         "world_size": run.world.world_size,
         "n_params": budget.n_params,

@@ -11,22 +11,54 @@ import torch
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from attnlab.core.device import native_bf16
-from attnlab.core.params import Params, TrainConfig
+from attnlab.core.params import ModelConfig, Params, TrainConfig
 from attnlab.model.transformer import count_parameters
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device, native: bool | None = None) -> torch.dtype | None:
-    """bf16 autocast where asked for; None = plain fp32. auto: bf16 where the device runs it natively (CUDA that
-    supports it, a CPU with avx512_bf16 or amx_bf16: `native`, by default attnlab.core.device.native_bf16), fp32
-    elsewhere (MPS, and CPUs that emulate bf16 far slower than fp32). The quality side of that choice: fp32 and
-    bf16 over 3 seeds in docs/performance.md."""
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if device.type not in ("cuda", "cpu"):
-        return None
-    return torch.bfloat16 if (native_bf16(device) if native is None else native) else None
+# bf16 autocast outruns fp32 on a CPU with native bf16 from this 6 * d_model + seq_len on (docs/performance.md,
+# "The precision rule": a grid of shapes, fp32 and bf16 steps of the train stage side by side).
+BF16_CPU_MIN_SIZE = 960
+
+
+def bf16_outruns_fp32(model: ModelConfig) -> bool:
+    """Whether this shape trains faster under bf16 autocast than in fp32 on a CPU with native bf16.
+
+    Per number a layer writes, its matmuls do about 12 * d_model + 2 * seq_len multiply-adds (the projections
+    and the MLP, then the attention scores and their weighted sum); bf16 makes those faster but adds a cast to
+    every activation. Measured, bf16 wins where 6 * d_model + seq_len >= BF16_CPU_MIN_SIZE and loses below
+    it, e.g. at the quick profile (d_model 128, seq_len 128: 896).
+    """
+    return 6 * model.d_model + model.seq_len >= BF16_CPU_MIN_SIZE
+
+
+def precision_choice(train: TrainConfig, model: ModelConfig, device: torch.device,
+                     native: bool | None = None) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None = plain fp32) and why, as the train stage prints it.
+
+    train.precision fp32 or bf16 is taken as it is. auto: bf16 on CUDA that supports it; on a CPU bf16 where it
+    is native (avx512_bf16 or amx_bf16: `native`, by default attnlab.core.device.native_bf16; emulated it is far
+    slower than fp32) and the shape gains from it (bf16_outruns_fp32); fp32 elsewhere, MPS included. The quality
+    side: fp32 and bf16 over 3 seeds in docs/performance.md. Deterministic for given params and machine.
+    """
+    if train.precision != "auto":
+        return (torch.bfloat16 if train.precision == "bf16" else None), f"train.precision={train.precision}"
+    native = native_bf16(device) if native is None else native
+    if device.type == "cuda":
+        return (torch.bfloat16, "auto: CUDA with bf16") if native else (None, "auto: CUDA without bf16")
+    if device.type != "cpu":
+        return None, f"auto: fp32 on {device.type}"
+    if not native:
+        return None, "auto: this CPU emulates bf16 (no avx512_bf16/amx_bf16)"
+    size = 6 * model.d_model + model.seq_len
+    if bf16_outruns_fp32(model):
+        return torch.bfloat16, f"auto: native bf16, 6 x d_model + seq_len = {size} >= {BF16_CPU_MIN_SIZE}"
+    return None, f"auto: native bf16, but 6 x d_model + seq_len = {size} < {BF16_CPU_MIN_SIZE}: fp32 is faster"
+
+
+def autocast_dtype(train: TrainConfig, model: ModelConfig, device: torch.device,
+                   native: bool | None = None) -> torch.dtype | None:
+    """bf16 autocast, or None for plain fp32: precision_choice's dtype."""
+    return precision_choice(train, model, device, native)[0]
 
 
 def precision_name(amp: torch.dtype | None) -> str:
