@@ -64,15 +64,18 @@ class _BlockedHeadLoss(torch.autograd.Function):
         h, w = residual.to(dtype), weight.to(dtype)  # (N, D), (V, D): what the head's matmul multiplies
         grad_h = torch.empty_like(h)  # (N, D) d(sum of losses)/d residual
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
-        total = torch.zeros((), dtype=torch.float64, device=residual.device)
+        losses = torch.empty(n, 1, dtype=torch.float32, device=residual.device)  # (N, 1) each row's loss
         rows = max(16, BLOCK_LOGITS // V)
+        minus_one = torch.full((rows, 1), -1.0, device=residual.device)  # the one-hot, subtracted by scatter
         for first in range(0, n, rows):
-            hc, yc = h[first : first + rows], targets[first : first + rows]  # (C, D), (C,)
-            logits = (hc @ w.t()).float()  # (C, V)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
-            total += (lse.squeeze(1) - logits.gather(1, yc[:, None]).squeeze(1)).sum(dtype=torch.float64)
-            probs = logits.sub_(lse).exp_()  # (C, V) softmax, in place of the logits
-            probs[torch.arange(len(yc), device=probs.device), yc] -= 1.0  # d(loss)/d(logits): softmax - one-hot
+            hc, yc = h[first : first + rows], targets[first : first + rows, None]  # (C, D), (C, 1)
+            logits = torch.mm(hc, w.t()).float()  # (C, V)
+            top = logits.amax(-1, keepdim=True)  # (C, 1)
+            target = logits.gather(1, yc)  # (C, 1) the target's logit
+            probs = logits.sub_(top).exp_()  # (C, V) exp(logit - max), in place of the logits
+            total = probs.sum(-1, keepdim=True)  # (C, 1)
+            torch.sub(total.log().add_(top), target, out=losses[first : first + rows])  # logsumexp - target
+            probs.div_(total).scatter_add_(1, yc, minus_one[: len(yc)])  # d(loss)/d(logits): softmax - one-hot
             probs = probs.to(dtype)
             torch.mm(probs, w, out=grad_h[first : first + rows])  # (C, D)
             if dtype == torch.float32:
@@ -81,7 +84,7 @@ class _BlockedHeadLoss(torch.autograd.Function):
                 grad_w += (probs.t() @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.n, ctx.residual_dtype, ctx.weight_dtype = n, residual.dtype, weight.dtype
-        return (total / n).float()
+        return (losses.sum(dtype=torch.float64) / n).float()
 
     @staticmethod
     def backward(ctx, grad_loss):

@@ -144,9 +144,9 @@ class CausalSelfAttention(nn.Module):
         rope_model_dim. Each (B, T, D)."""
         T, D = x.shape[1], self.d_model
         if self.pe == "rope" and self.fused:  # per head, q and k in one product: [q | k] is 2H heads side by side
-            qkv = self.qkv(x)  # (B, T, 3D)
-            qk = rotate_heads(qkv[..., : 2 * D], self.rope_turn)  # (B, T, 2D)
-            return qk[..., :D], qk[..., D:], qkv[..., 2 * D :]  # (B, T, D) each
+            qk, v = self.qkv(x).split((2 * D, D), dim=-1)  # (B, T, 2D), (B, T, D); split: one cat backward
+            q, k = rotate_heads(qk, self.rope_turn).split(D, dim=-1)  # (B, T, D) each
+            return q, k, v
         q, k, v = self.projections(x)  # (B, T, D) each
         if self.pe == "rope":  # per head: scores depend on relative position only
             q, k = rotate_heads(q, self.rope_turn), rotate_heads(k, self.rope_turn)
