@@ -132,7 +132,8 @@ def test_apply_rope_matches_loop_rotation():
 
 
 def test_the_precomputed_rotation_in_bf16_rotates_in_bf16_and_matches_the_loop():
-    """Under bf16 autocast q and k stay bf16: real arithmetic in bf16, no fp32 round trip, same numbers to bf16."""
+    """Under bf16 autocast q and k stay bf16 (on the CPU through one fp32 product, rounded back once), the same
+    numbers to bf16's precision."""
     T, H, dim = 16, 3, 8
     x = torch.randn(2, T, H, dim, generator=torch.Generator().manual_seed(3)).bfloat16()  # (B, T, H, Dh)
     turn = rope_rotation(T, dim)[:, None]  # (T, 1, Dh/2): the same turn for every head

@@ -42,12 +42,16 @@ def rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
 
     x: (..., T, dim) or anything whose trailing dims broadcast against turn's (T, dim/2) once the pairs are
     formed; turn: complex, from rope_rotation. Returns x's shape and dtype. fp32 and fp64 multiply as complex
-    numbers, in place of any dtype conversion; bf16/fp16 (no complex type of their own) rotate in real
-    arithmetic in their own dtype, so autocast never round-trips through fp32 here.
+    numbers, in place of any dtype conversion. bf16/fp16 have no complex type of their own: on the CPU they
+    go through one fp32 complex product, rounded back once (three operations forward and backward, ~3x
+    faster there than six in bf16: docs/performance.md); elsewhere (a GPU, where compile fuses them) they
+    rotate in real arithmetic in their own dtype, with no fp32 round trip.
     """
     if x.dtype in (torch.float32, torch.float64):
         z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (..., dim/2) complex, a view of x
         return torch.view_as_real(z * turn.to(z.dtype)).flatten(-2)
+    if x.device.type == "cpu":
+        return rotate_pairs(x.float(), turn).to(x.dtype)
     cos, sin = turn.real.to(x.dtype), turn.imag.to(x.dtype)  # (T, dim/2) each
     even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., dim/2) each
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
