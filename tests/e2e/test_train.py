@@ -73,7 +73,8 @@ def test_precision_auto_picks_the_faster_precision_measured_on_a_native_bf16_cpu
 
 def test_precision_auto_is_fp32_where_bf16_is_emulated_or_not_offered_and_explicit_choices_stand():
     auto, fp32, bf16 = TrainConfig(precision="auto"), TrainConfig(precision="fp32"), TrainConfig(precision="bf16")
-    cpu, study, quick = torch.device("cpu"), ModelConfig(d_model=128, seq_len=512), ModelConfig(d_model=128, seq_len=128)
+    cpu = torch.device("cpu")
+    study, quick = ModelConfig(d_model=128, seq_len=512), ModelConfig(d_model=128, seq_len=128)
     assert autocast_dtype(auto, study, cpu, native=False) is None  # emulated bf16: ~15x slower than fp32
     assert autocast_dtype(auto, study, torch.device("mps"), native=True) is None
     assert autocast_dtype(auto, quick, torch.device("cuda"), native=True) is torch.bfloat16  # any shape on a GPU

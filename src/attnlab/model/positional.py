@@ -62,8 +62,8 @@ def rotate_heads(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
     heads, then k's), and each head's pairs turn by the same angles, turn (>= T, Dh/2) from rope_rotation.
 
     The turn is laid out once for the whole row, (T, n * Dh/2), so that the product runs along rows of n * Dh/2
-    complex numbers instead of broadcasting over heads in steps of Dh/2: the same numbers as rotating each head
-    on its own (rotate_pairs on (B, T, n, Dh)), in one pass. Returns x's shape and dtype.
+    complex numbers instead of broadcasting over heads in steps of Dh/2: the products of rotating each head on
+    its own (rotate_pairs on (B, T, n, Dh)), in one pass. Returns x's shape and dtype.
     """
     T, width = x.shape[-2], x.shape[-1]
     n = width // (2 * turn.shape[-1])

@@ -177,8 +177,9 @@ class CausalSelfAttention(nn.Module):
         mask = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu_(1)  # (T, T) -inf: key > query
         # mask + (q @ k^T) / sqrt(Dh) in one batched GEMM: its output starts as the mask, and the scaled product
         # is added onto it, so the scores are written once
-        scores = torch.baddbmm(mask.expand(B * H, T, T), q.reshape(B * H, T, Dh), k.reshape(B * H, T, Dh).transpose(1, 2),
-                               alpha=1.0 / math.sqrt(Dh)).view(B, H, T, T)  # (B, H, T, T)
+        keys = k.reshape(B * H, T, Dh).transpose(1, 2)  # (B H, Dh, T)
+        scores = torch.baddbmm(mask.expand(B * H, T, T), q.reshape(B * H, T, Dh), keys, alpha=1.0 / math.sqrt(Dh))
+        scores = scores.view(B, H, T, T)  # (B, H, T, T)
         scores = self.hook_scores(scores)  # (B, H, T, T)
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 up to fp32; fp64 stays fp64
         pattern = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)  # (B, H, T, T)
