@@ -41,6 +41,7 @@ def problem(n: int = 100, d: int = 16, vocab: int = 64, seed: int = 0):
 @pytest.mark.parametrize("block_logits", [16 * 64, 23 * 64, 1 << 19], ids=["blocks", "remainder", "one-block"])
 def test_blocked_loss_and_gradients_equal_the_plain_cross_entropy(block_logits, monkeypatch):
     monkeypatch.setattr(loss_module, "BLOCK_LOGITS", block_logits)  # 16 or 23 rows a block, or all 100 at once
+    monkeypatch.setattr(loss_module, "MIN_BLOCK_ROWS", 1)
     residual, weight, targets = problem()
     want, got = plain_loss_and_grads(residual, weight, targets, False), blocked_loss_and_grads(residual, weight,
                                                                                                targets, False)
@@ -92,6 +93,7 @@ def test_next_token_loss_of_another_model_goes_through_its_logits():
 @pytest.mark.parametrize("block_logits", [16 * 64, 23 * 64], ids=["blocks", "remainder"])
 def test_per_row_losses_are_the_plain_cross_entropy_per_row(block_logits, monkeypatch):
     monkeypatch.setattr(loss_module, "BLOCK_LOGITS", block_logits)
+    monkeypatch.setattr(loss_module, "MIN_BLOCK_ROWS", 1)
     residual, weight, targets = problem()
     got = head_token_losses(residual.view(4, 25, -1), weight, targets.view(4, 25))  # (B, T) in, (B, T) out
     want = F.cross_entropy(residual @ weight.t(), targets, reduction="none").view(4, 25)

@@ -21,7 +21,10 @@ import torch.nn as nn
 
 from attnlab.model.transformer import Transformer, lm_loss
 
-BLOCK_LOGITS = 1 << 19  # logits per block (2 MB in fp32): rows = BLOCK_LOGITS // V, 256 rows at V = 2048
+BLOCK_LOGITS = 1 << 19  # logits per block (2 MB in fp32): rows = BLOCK_LOGITS // V, 256 rows at V = 2048 ...
+# ... but never fewer rows than this: each block is a dozen operations, and at V = 8192 blocks of 64 rows made
+# ~3,000 a step at the study's shape, which 2 threads on a loaded machine pay for dearly (docs/performance.md)
+MIN_BLOCK_ROWS = 256
 
 
 def head_cross_entropy(residual: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,7 @@ def head_token_losses(residual: torch.Tensor, weight: torch.Tensor, targets: tor
     a block of rows at a time (logsumexp - target logit), so that only one block of logits exists at once."""
     flat, y = residual.reshape(-1, residual.shape[-1]), targets.reshape(-1)  # (N, D), (N,)
     losses = torch.empty(len(y), dtype=torch.float32, device=residual.device)  # (N,)
-    rows = max(16, BLOCK_LOGITS // weight.shape[0])
+    rows = max(MIN_BLOCK_ROWS, BLOCK_LOGITS // weight.shape[0])
     for first in range(0, len(y), rows):
         logits = (flat[first : first + rows] @ weight.t()).float()  # (C, V)
         target = logits.gather(1, y[first : first + rows, None]).squeeze(1)  # (C,)
@@ -65,7 +68,7 @@ class _BlockedHeadLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h)  # (N, D) d(sum of losses)/d residual
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
         losses = torch.empty(n, 1, dtype=torch.float32, device=residual.device)  # (N, 1) each row's loss
-        rows = max(16, BLOCK_LOGITS // V)
+        rows = max(MIN_BLOCK_ROWS, BLOCK_LOGITS // V)
         minus_one = torch.full((rows, 1), -1.0, device=residual.device)  # the one-hot, subtracted by scatter
         for first in range(0, n, rows):
             hc, yc = h[first : first + rows], targets[first : first + rows, None]  # (C, D), (C, 1)
