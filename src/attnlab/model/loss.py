@@ -7,7 +7,8 @@ block's logits (rows x V) are made, turned into the loss and into their gradient
 gradients of the residual and of the head's weight while they are still in cache. The (B, T, V) logits, their
 log-softmax and its gradient (three tensors of B * T * V floats: 16 MB each at the quick profile, 512 MB at the
 study's shape) are never materialised, and the backward pass only scales the gradients made forward. Elsewhere
-(CUDA, MPS, where torch.compile fuses the loss on its own) it is the plain ``F.cross_entropy`` of the logits.
+(CUDA, MPS) and under torch.compile, which fuses the loss on its own, it is the plain ``F.cross_entropy`` of
+the logits.
 :func:`head_token_losses` is the same blocked head for scoring (attnlab.model.scoring): a loss per row, no
 gradients.
 
@@ -35,7 +36,7 @@ def head_cross_entropy(residual: torch.Tensor, weight: torch.Tensor, targets: to
     gradients up to the order of fp32 sums.
     """
     residual, targets = residual.reshape(-1, residual.shape[-1]), targets.reshape(-1)  # (N, D), (N,)
-    if residual.device.type != "cpu":
+    if residual.device.type != "cpu" or torch.compiler.is_compiling():  # compile fuses the plain form itself
         return lm_loss(residual @ weight.t(), targets)
     device = residual.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else residual.dtype
