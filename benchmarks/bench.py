@@ -8,6 +8,8 @@ the things compared alternating (common.side_by_side):
 
 - train_fp32 / train_bf16: the train stage's step (loop.train_step) on attnlab's model and on
   torch.nn.TransformerEncoder (benchmarks/reference.py); train_loop: the stage's whole loop against its step;
+- study_loop: at the study's shape (STUDY_SHAPE, 4 x 4 x 512 at d_model 128), the stage's loop against its step
+  and the reference GPT's loop, each at its best precision here (as the quality section does at the quick shape);
 - attention_paths: SDPA forward against the explicit (capturable) one; attention_analysis: bench_attention.py;
 - mfu: achieved FLOP/s (flops_per_token) over the matmul peak measured here, or a known GPU's bf16 peak;
 - bf16_loss: the stage's steps in fp32 and bf16 from one init on the same batches, another seed's as noise;
@@ -36,17 +38,22 @@ from attnlab.core.device import native_bf16, pick_device
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_json
 from attnlab.core.params import Params, load_params
-from attnlab.data.tokens import load_meta
+from attnlab.data.tokens import load_meta, load_tokens
 from attnlab.model.transformer import Transformer, count_parameters, flops_per_token
 from benchmarks.bench_attention import attention_section
 from benchmarks.bench_quality import quality_comparison
-from benchmarks.common import (LoopTimer, Step, device_name, matmul_flops, parse_overrides, side_by_side,
-                               stage_step, synthetic_tokens, table_bf16_peak, train_stage)
-from benchmarks.reference import TorchEncoderLM
+from benchmarks.common import (LoopTimer, Step, device_name, loop_speed_keys, matmul_flops, parse_overrides,
+                               reference_steps, side_by_side, stage_step, synthetic_tokens, table_bf16_peak,
+                               train_stage)
+from benchmarks.reference import ReferenceShape, TorchEncoderLM
 
 CPU_SHAPE = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq_len=256)  # small enough for 2 cores
 CPU_BATCH = 8
 LOOP_STEPS, LOOP_LOG_EVERY = 20, 5  # train_loop: steps of the stage's loop, timed in windows of this many
+# study_loop: the study's shape (one trial of shared/README.md: d_model 128, d_ff 512, 4 x 4 x 512, vocab 8,192,
+# batch 32), its loop against its step and the reference, in windows of STUDY_LOG_EVERY of STUDY_STEPS steps
+STUDY_SHAPE = dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, seq_len=512, batch_size=32, vocab_size=8192)
+STUDY_STEPS, STUDY_LOG_EVERY = 20, 4
 
 
 @dataclass
@@ -58,6 +65,7 @@ class BenchSetup:
     args: argparse.Namespace  # steps, reps, warmup, loss_steps, mm_size, mm_seconds, tokens
     quality_params: Params  # --params with the --set overrides
     bf16: bool  # run the bf16 sections (off where bf16 is emulated: hours instead of seconds)
+    study_shape: dict  # study_loop's shape: STUDY_SHAPE with --study-shape
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +124,29 @@ def train_loop(setup: BenchSetup, results: dict) -> dict:
     return {"train_loop_tok_s_bench_shape": round(speeds["loop"], 1),
             "bare_step_tok_s_bench_shape": round(speeds["bare_step"], 1),
             "train_loop_vs_step_bench_shape": round(speeds["loop"] / speeds["bare_step"], 4)}
+
+
+def study_loop(setup: BenchSetup, results: dict) -> dict:
+    """The stage's train() at the study's shape (--study-shape) on synthetic tokens of its vocabulary, at its own
+    precision (train.precision auto), against its bare step and the reference GPT's loop (fp32, and bf16 where
+    native), timed side by side window by window (LoopTimer); keys end in _study_shape."""
+    shape = setup.study_shape
+    cfg = dataclasses.replace(setup.params.model, **{k: shape[k] for k in CPU_SHAPE})
+    tokens = synthetic_tokens(setup.folder / "study_tokens", shape["vocab_size"], max(1 << 18, 64 * shape["batch_size"]
+                              * cfg.seq_len), cfg.seq_len, setup.params.seed)
+    steps, per_step = setup.args.study_steps, shape["batch_size"] * cfg.seq_len
+    train = dataclasses.replace(setup.params.train, precision="auto", batch_size=shape["batch_size"],
+                                max_tokens=steps * per_step, log_every=STUDY_LOG_EVERY, checkpoint_every_frac=0.5)
+    params = dataclasses.replace(setup.params, model=cfg, train=train, tokenizer=dataclasses.replace(
+        setup.params.tokenizer, vocab_size=shape["vocab_size"]))
+    reference = ReferenceShape(shape["vocab_size"], cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.seq_len)
+    partners = {"bare_step": stage_step(params, tokens, setup.folder / "study_bare"),
+                **reference_steps(reference, load_tokens(tokens, "train"), steps, shape["batch_size"],
+                                  params.seed + 1, setup.device, setup.bf16)}
+    timer = LoopTimer(partners, setup.device, after_step=STUDY_LOG_EVERY)  # the first window holds the warm-up
+    metrics, _ = train_stage(params, tokens, on_log=timer)
+    return {"study_shape": ", ".join(f"{key} {value}" for key, value in shape.items()),
+            **loop_speed_keys(timer.tok_s(), metrics["precision"], "_study_shape")}
 
 
 def attention_paths(setup: BenchSetup, results: dict) -> dict:
@@ -194,11 +225,11 @@ def quality(setup: BenchSetup, results: dict) -> dict:
     """The quality section, or a note saying why it is skipped."""
     if not (Path(setup.args.tokens) / "train.bin").exists():
         return {"quality_skipped": f"no token files in {setup.args.tokens} (run `make quick` first)"}
-    return quality_comparison(setup.quality_params, setup.args.tokens)
+    return quality_comparison(setup.quality_params, setup.args.tokens, reference_bf16=setup.bf16)
 
 
 SECTIONS: list[tuple[str, Section]] = [
-    ("train_fp32", train_fp32), ("train_loop", train_loop), ("train_bf16", train_bf16),
+    ("train_fp32", train_fp32), ("train_loop", train_loop), ("study_loop", study_loop), ("train_bf16", train_bf16),
     ("attention_paths", attention_paths), ("mfu", mfu), ("bf16_loss", bf16_loss),
     ("attention_analysis", attention_analysis), ("quality", quality),
 ]
@@ -236,7 +267,8 @@ def show(value: object) -> str:
 
 def build_setup(args: argparse.Namespace, folder: Path) -> BenchSetup:
     """The bench's params and token files; every input checked before any run."""
-    for key in ("batch_size", "steps", "reps", "loss_steps", "mm_size", "vocab_size", "mm_seconds", "warmup"):
+    for key in ("batch_size", "steps", "reps", "loss_steps", "mm_size", "vocab_size", "mm_seconds", "warmup",
+                "study_steps"):
         value = getattr(args, key)
         least = "0 or more" if key == "warmup" else "positive"
         if value is not None and not (value >= 0 if key == "warmup" else value > 0):
@@ -258,7 +290,20 @@ def build_setup(args: argparse.Namespace, folder: Path) -> BenchSetup:
     vocab = dataclasses.replace(base.tokenizer, vocab_size=int(load_meta(tokens)["vocab_size"]))
     params = dataclasses.replace(base, seed=args.seed, model=cfg, train=train, tokenizer=vocab)
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(device))
-    return BenchSetup(params, tokens, source, folder, args, quality_params, bf16)
+    study = study_shape(args.study_shape)
+    dataclasses.replace(base.model, **{key: study[key] for key in CPU_SHAPE}).validate()
+    return BenchSetup(params, tokens, source, folder, args, quality_params, bf16, study)
+
+
+def study_shape(overrides: list[str]) -> dict:
+    """STUDY_SHAPE with --study-shape KEY=VALUE overrides (its keys only, positive integers)."""
+    shape = dict(STUDY_SHAPE)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in shape or not value.isdigit() or int(value) <= 0:
+            raise ConfigError("--study-shape", f"{item!r}: expected KEY=N, N > 0, KEY one of {', '.join(shape)}")
+        shape[key] = int(value)
+    return shape
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -273,6 +318,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--norm", help="default: the params' model.norm")
     p.add_argument("--vocab-size", dest="vocab_size", type=int, default=8192, help="of the synthetic tokens")
     p.add_argument("--tokens", default="data/tokens", help="token folder; synthetic tokens where it is missing")
+    p.add_argument("--study-shape", dest="study_shape", action="append", default=[], metavar="KEY=N",
+                   help=f"override study_loop's shape (repeatable), default {STUDY_SHAPE}")
+    p.add_argument("--study-steps", dest="study_steps", type=int, default=STUDY_STEPS,
+                   help="steps of study_loop's run")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per repetition")
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions per comparison")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")

@@ -2,11 +2,11 @@
 
 - plain_forward_tok_s: the model's forward pass with the fused attention kernel (SDPA), no capture;
 - analysis_tok_s: attnlab.analysis.stats.stream_attention_stats (capture through hook points, every statistic,
-  the arrow tables of rows); analysis_vs_forward = its cost in plain forward passes (goal <= 1.5);
+  the arrow tables of rows); analysis_vs_forward = its cost in plain forward passes (goal <= 1.15);
 - loop_reference_tok_s: the original study's formulation (capture, then a Python loop over layers, heads and
   query positions), and loop_reference_max_abs_diff_bits: it must give the same entropies;
-- peak memory (ru_maxrss of a fresh process running the streamed stage path, parquet writer included) at two
-  values of n_examples: it must not grow with n_examples.
+- peak memory (common.peak_rss_mb of a fresh process running the streamed stage path, parquet writer
+  included) at two values of n_examples: it must not grow with n_examples.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ Both train on the project's token files with the same shape, token budget, batch
 are scored by attnlab's one scoring function, on the same device in fp32, on exactly the windows `evaluate`
 scores: ``quality_vs_reference`` = attnlab val_loss / reference val_loss (goal <= 1.0).
 
-The same run times the train stage's loop (its own ``train()``, validation left out) against the stage's step
-alone (``train_loop_vs_step``, goal >= 0.95: what the loop's bookkeeping costs) and against the reference's
-training loop (``stage_vs_reference_speed``, goal >= 1.0). A machine's speed drifts over minutes, so the three
-are timed side by side (common.LoopTimer): after each window of the loop, as many steps of each of the others.
+The same run times the train stage's loop (its own ``train()`` at its own precision, validation left out)
+against the stage's step alone (``train_loop_vs_step``, goal >= 0.95: what the loop's bookkeeping costs) and
+against the reference's training loop at its faster precision, fp32 or (where bf16 is native) bf16 autocast
+(``stage_vs_reference_speed``, goal >= 1.0). A machine's speed drifts over minutes, so they are timed side by
+side (common.LoopTimer): after each window of the loop, as many steps of each of the others.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from attnlab.model.scoring import score_windows, unigram_loss, window_targets
 from attnlab.core.params import Params
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
 from attnlab.training.schedule import make_budget
-from benchmarks.common import LoopTimer, stage_step, sync, train_stage
+from benchmarks.common import LoopTimer, loop_speed_keys, reference_steps, stage_step, sync, train_stage
 from benchmarks.reference import ReferenceShape, ReferenceTrainer
 
 
@@ -32,9 +33,10 @@ def log(line: str) -> None:
     print(f"bench quality: {line}", file=sys.stderr)
 
 
-def quality_comparison(params: Params, tokens: str | Path) -> dict:
+def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool = False) -> dict:
     """Trains the reference alone, then attnlab (the train stage's own function) with the stage's step and the
-    reference's step interleaved; scores both; returns the flat bench keys."""
+    reference's step (also under bf16 autocast, if reference_bf16) interleaved; scores both; returns the flat
+    bench keys."""
     vocab = int(load_meta(tokens)["vocab_size"])
     params = dataclasses.replace(
         params, tokenizer=dataclasses.replace(params.tokenizer, vocab_size=vocab),
@@ -56,8 +58,8 @@ def quality_comparison(params: Params, tokens: str | Path) -> dict:
     log("training attnlab; after each window of its loop, as many stage steps and reference steps")
     with tempfile.TemporaryDirectory(prefix="attnlab-quality-") as tmp:
         partners = {"bare_step": stage_step(params, tokens, Path(tmp)),
-                    "reference": ReferenceTrainer(shape, train_tokens, budget.steps, batch_size, params.seed + 1,
-                                                  device).step}
+                    **reference_steps(shape, train_tokens, budget.steps, batch_size, params.seed + 1, device,
+                                      reference_bf16)}
         timer = LoopTimer(partners, device)
         metrics, model = train_stage(params, tokens, on_log=timer)
     speeds = timer.tok_s()
@@ -74,13 +76,9 @@ def quality_comparison(params: Params, tokens: str | Path) -> dict:
         "quality_attnlab_val_loss": round(ours.loss, 4),
         "quality_reference_val_loss": round(theirs.loss, 4),
         "quality_vs_reference": round(ours.loss / theirs.loss, 4),
-        "quality_reference_tok_s": round(reference_tok_s, 1),  # its whole run, alone
-        "train_loop_tok_s": round(speeds["loop"], 1),  # the stage's loop, validation left out, timed windows
-        "train_loop_eval_seconds": metrics["eval_seconds"],  # the validation time it leaves out
+        "quality_reference_tok_s": round(reference_tok_s, 1),  # its whole run, alone, fp32
+        "train_loop_eval_seconds": metrics["eval_seconds"],  # the validation time the loop's speed leaves out
         "train_loop_windows": len(timer.windows),
         "train_loop_steps_timed": sum(w["steps"] for w in timer.windows),
-        "bare_step_tok_s": round(speeds["bare_step"], 1),
-        "reference_loop_tok_s": round(speeds["reference"], 1),
-        "train_loop_vs_step": round(speeds["loop"] / speeds["bare_step"], 4),
-        "stage_vs_reference_speed": round(speeds["loop"] / speeds["reference"], 4),
+        **loop_speed_keys(speeds, metrics["precision"]),
     }

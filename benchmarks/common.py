@@ -22,8 +22,10 @@ import yaml
 from attnlab.core.errors import ConfigError
 from attnlab.core.params import Params
 from attnlab.model.checkpoint import load_model
+from attnlab.model.loss import NextTokenLoss
 from attnlab.training import loop
 from attnlab.training.schedule import make_optimizer
+from benchmarks.reference import ReferenceShape, ReferenceTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peak in FLOP/s (no sparsity), matched against torch.cuda.get_device_name().
@@ -103,9 +105,9 @@ def stage_step(params: Params, tokens: str | Path, folder: Path, model: torch.nn
     if model is not None:
         model = model.to(run.device)
         optimizer = make_optimizer(model, params.train, run.device)
-        run = dataclasses.replace(run, model=model, train_model=model, optimizer=optimizer)
+        run = dataclasses.replace(run, model=model, train_model=NextTokenLoss(model), optimizer=optimizer)
     if compile:
-        run.train_model = torch.compile(run.model)
+        run.train_model = torch.compile(run.train_model)
     return lambda i: loop.train_step(run, i)
 
 
@@ -194,6 +196,34 @@ class LoopTimer:
         return {name: tokens / sum(w[name] for w in self.windows) for name in ("loop", *self.partners)}
 
 
+def reference_steps(shape: ReferenceShape, train_tokens: np.ndarray, steps: int, batch_size: int, seed: int,
+                    device: torch.device, bf16: bool) -> dict[str, Step]:
+    """The reference GPT's training loop as LoopTimer partners: in fp32, and under bf16 autocast where asked
+    (native bf16), so that the loop is held against the reference at its best precision on this machine."""
+    precisions = ("fp32", "bf16") if bf16 else ("fp32",)
+    return {f"reference_{precision}": ReferenceTrainer(shape, train_tokens, steps, batch_size, seed, device,
+                                                       precision).step for precision in precisions}
+
+
+def loop_speed_keys(speeds: dict[str, float], precision: str, suffix: str = "") -> dict:
+    """The bench keys of one LoopTimer run with partners bare_step and reference_<precision>: the loop, its bare
+    step and the reference at its faster precision, tokens/s and the two ratios; `precision` is the loop's."""
+    references = {name.removeprefix("reference_"): tok_s for name, tok_s in speeds.items()
+                  if name.startswith("reference_")}
+    best = max(references, key=references.get)
+    loop, bare = speeds["loop"], speeds["bare_step"]
+    return {
+        f"train_loop_tok_s{suffix}": round(loop, 1),  # the stage's loop, validation left out, timed windows
+        f"bare_step_tok_s{suffix}": round(bare, 1),
+        f"reference_loop_tok_s{suffix}": round(references[best], 1),  # at its faster precision
+        **{f"reference_loop_tok_s_{name}{suffix}": round(tok_s, 1) for name, tok_s in references.items()},
+        f"train_loop_precision{suffix}": precision,
+        f"reference_precision{suffix}": best,
+        f"train_loop_vs_step{suffix}": round(loop / bare, 4),
+        f"stage_vs_reference_speed{suffix}": round(loop / references[best], 4),
+    }
+
+
 # ------------------------------------------------------------------------------------------------- FLOP/s
 
 
@@ -208,9 +238,15 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: floa
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MB."""
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    """The process's peak resident memory so far, in MB: Linux's VmHWM, the peak of this program's own memory.
+    (ru_maxrss, the fallback elsewhere, starts a child at its parent's resident size when it forks, so a child
+    of a large bench process reported the parent's peak, not its own.)"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def table_bf16_peak(device: torch.device) -> float | None:

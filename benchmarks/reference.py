@@ -84,13 +84,15 @@ def reference_lr(step: int, steps: int) -> float:
 
 
 class ReferenceTrainer:
-    """The reference's training loop, one step at a time: step(i) trains on batch i of a `steps`-step run."""
+    """The reference's training loop, one step at a time: step(i) trains on batch i of a `steps`-step run; in
+    fp32, or with forward and loss under bf16 autocast (precision="bf16"), as nanoGPT's train.py does."""
 
     def __init__(self, shape: ReferenceShape, train_tokens: np.ndarray, steps: int, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
         torch.manual_seed(seed)
         self.shape, self.train_tokens, self.steps = shape, train_tokens, steps
-        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.bf16 = precision == "bf16"
         self.model = ReferenceGPT(shape).to(device).train()
         groups = [{"params": [p for p in self.model.parameters() if p.dim() == dim], "weight_decay": decay}
                   for dim, decay in ((2, WEIGHT_DECAY), (1, 0.0))]
@@ -101,8 +103,10 @@ class ReferenceTrainer:
             group["lr"] = reference_lr(i % self.steps, self.steps)
         T = self.shape.seq_len
         x, y = windows(self.train_tokens, batch_starts(len(self.train_tokens), T, self.batch_size, self.seed, i), T)
-        logits = self.model(x.to(self.device))  # (B, T, V)
-        F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten()).backward()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(x.to(self.device))  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())  # fp32 under autocast
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
     params = load_params(args.params)
     start = time.perf_counter()
     result = attention_stats(params, args.model, args.tokens, args.out)
-    write_json(args.metrics, result["metrics"])
+    write_json(args.metrics, {**result["metrics"], "seconds": round(time.perf_counter() - start, 2)})  # wall time
     val = result["metrics"]["val"]
     print(
         f"attention_stats: {result['n_rows']:,} rows ({params.attention.n_examples} examples x 2 splits x "

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     params = load_params(args.params)
     t0 = time.time()
     result = evaluate(params, Path(args.model), Path(args.tokens), Path(args.tokenizer))
-    metrics = result.metrics
+    metrics = {**result.metrics, "seconds": round(time.time() - t0, 2)}  # the stage's wall time, for docs/performance.md
     write_json(args.metrics, metrics)
     write_json(args.by_position, result.by_position)
     write_text(args.samples, result.samples)

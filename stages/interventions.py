@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
 
     run = run_interventions(params, args.model, args.tokens, args.tokenizer)
 
-    write_json(args.metrics, run.metrics)
+    write_json(args.metrics, {**run.metrics, "seconds": round(run.seconds, 2)})  # the sweep's and samples' wall time
     with atomic_path(args.table) as tmp:
         run.table.to_parquet(tmp, index=False)
     write_intervention_figures(run.table, args.figures)

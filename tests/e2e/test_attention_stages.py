@@ -173,7 +173,7 @@ def test_stats_parquet_schema_dtypes_and_bounds(project):
 
 def test_metrics_json_and_side_files(project):
     metrics = json.loads((project / "reports" / "attention.json").read_text())
-    assert set(metrics) == {"train", "val"}
+    assert set(metrics) == {"train", "val", "seconds"} and metrics["seconds"] > 0
     for split in ("train", "val"):
         assert set(metrics[split]) - {"heads"} == {"mean_entropy_bits", "mean_support", "mean_normalized_support"}
         assert 0 < metrics[split]["mean_entropy_bits"] <= np.log2(SEQ_LEN)

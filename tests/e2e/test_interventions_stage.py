@@ -82,7 +82,8 @@ def stage_run(workdir):
 def test_metrics_have_the_nested_layout(workdir, stage_run):
     metrics = json.loads((workdir / "reports/interventions.json").read_text())
     assert list(metrics) == ["baseline", "uniform_all", "uniform_layer", "temperature", "top_k", "mean_ablate",
-                             "tokens_scored"]
+                             "tokens_scored", "seconds"]
+    assert metrics["seconds"] > 0  # the stage's time: the one key that differs between two runs
     assert metrics["tokens_scored"] == {"val": 10 * SEQ_LEN, "train_for_means": 12 * SEQ_LEN}
     summary = {"loss", "ppl", "mean_entropy_bits"}
     assert set(metrics["baseline"]) == summary and set(metrics["uniform_all"]) == summary
@@ -135,7 +136,9 @@ def test_the_training_seed_leaves_the_windows_and_every_number_unchanged(workdir
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     ours = json.loads((workdir / "reports/interventions.json").read_text())
-    assert json.loads((tmp_path / "interventions.json").read_text()) == ours
+    theirs = json.loads((tmp_path / "interventions.json").read_text())
+    assert theirs.pop("seconds") > 0 and ours.pop("seconds") > 0  # timing, not a measurement
+    assert theirs == ours
     assert (tmp_path / "intervention_samples.md").read_text() == (workdir / "reports/intervention_samples.md").read_text()
 
 

@@ -18,7 +18,7 @@ from attnlab.core.params import ModelConfig
 from attnlab.model.transformer import Transformer, count_parameters, flops_per_token, lm_loss
 from attnlab.training.loop import LogEvent
 from benchmarks import bench
-from benchmarks.common import PARTNER_WARMUP, LoopTimer, parse_overrides, quick_params, side_by_side
+from benchmarks.common import PARTNER_WARMUP, LoopTimer, loop_speed_keys, parse_overrides, quick_params, side_by_side
 from benchmarks.reference import TorchEncoderLM
 from structure import ROOT
 
@@ -124,6 +124,8 @@ def test_quick_params_are_what_make_expands_quick_params_to(tmp_path):
 @pytest.mark.parametrize(("args", "key"), [
     (["--steps", "0"], "--steps"), (["--d-model", "30", "--n-heads", "4"], "model.d_model"),
     (["--pe", "xpos"], "model.pe"), (["--mm-seconds", "0"], "--mm-seconds"), (["--set", "seed"], "--set"),
+    (["--study-shape", "d_model=0"], "--study-shape"), (["--study-shape", "depth=4"], "--study-shape"),
+    (["--study-shape", "d_model=30"], "model.d_model"), (["--study-steps", "0"], "--study-steps"),
 ])
 def test_bad_bench_input_is_one_error_line_before_any_run(args, key, tmp_path, capsys):
     out = tmp_path / "bench.json"
@@ -132,3 +134,14 @@ def test_bad_bench_input_is_one_error_line_before_any_run(args, key, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {key}:") and len(err.splitlines()) == 1, err
     assert not out.exists() and not any(p.name != "bench.json" for p in tmp_path.iterdir())
+
+
+def test_loop_speed_keys_hold_the_loop_against_the_faster_reference():
+    speeds = {"loop": 90.0, "bare_step": 100.0, "reference_fp32": 80.0, "reference_bf16": 120.0}
+    keys = loop_speed_keys(speeds, "bf16", "_x")
+    assert keys["reference_loop_tok_s_x"] == 120.0 and keys["reference_precision_x"] == "bf16"
+    assert keys["reference_loop_tok_s_fp32_x"] == 80.0 and keys["reference_loop_tok_s_bf16_x"] == 120.0
+    assert keys["stage_vs_reference_speed_x"] == 0.75 and keys["train_loop_vs_step_x"] == 0.9
+    assert keys["train_loop_precision_x"] == "bf16"
+    alone = loop_speed_keys({"loop": 90.0, "bare_step": 100.0, "reference_fp32": 80.0}, "fp32")
+    assert alone["reference_precision"] == "fp32" and alone["stage_vs_reference_speed"] == 1.125

@@ -62,6 +62,8 @@ BAD_PARAMS = {
     "context multiples without 1": ({"eval": {"context_multiples": [2, 4]}}, "eval.context_multiples", "start at 1"),
     "context multiples not increasing": (
         {"eval": {"context_multiples": [1, 4, 2]}}, "eval.context_multiples", "increase"),
+    "negative length test": ({"eval": {"length_test_tokens": -1}}, "eval.length_test_tokens", ">= 0"),
+    "zero points per pass": ({"interventions": {"points_per_pass": 0}}, "interventions.points_per_pass", "> 0"),
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from builders import tiny_model
 
 from attnlab.analysis.capture import capture_attention, capture_points, explicit_attention
-from attnlab.analysis.intervention_sweep import make_batches, metrics_from_table, results_table, sweep_rows
+from attnlab.analysis.intervention_sweep import make_batches, metrics_from_table, results_table, sweep, sweep_rows
 from attnlab.analysis.interventions import (
     MeanAblate,
     Temperature,
@@ -19,8 +19,10 @@ from attnlab.analysis.interventions import (
     Uniform,
     entropy_bits,
     intervene,
+    intervene_parts,
     mean_head_outputs,
     score_intervened,
+    score_intervened_together,
 )
 
 B, T, VOCAB = 3, 24, 61
@@ -370,3 +372,30 @@ def test_sweep_rows_table_and_metrics_layout(model, idx):
     assert ablate["delta"] == pytest.approx(ablate["loss"] - metrics["baseline"]["loss"])
     assert metrics["temperature"]["1.0"]["loss"] == pytest.approx(metrics["baseline"]["loss"], abs=1e-6)
     assert table["layer"].isna().sum() == 2 + 2 + 2  # baseline, uniform_all and the sweeps are all layers
+
+
+def test_sweep_points_scored_together_equal_each_alone_exactly(model):
+    """Stacked in one pass (each part under its own edits) or one set at a time: the same floats, bit for bit,
+    whatever the group size, with a short last batch and edits of every kind (a group of partial-head edits too)."""
+    tokens = np.random.default_rng(3).integers(0, VOCAB, size=5 * T + 1).astype(np.uint16)
+    batches = make_batches(tokens, np.arange(5) * T, T, 2, "cpu")  # batches of 2, 2 and 1 windows
+    means = mean_head_outputs(model, batches)
+    rows = sweep_rows(model.cfg.n_layers, model.cfg.n_heads, [0.5, 2.0], [1, 3], means)
+    alone = [score_intervened(model, batches, row.edits) for row in rows]
+    for points_per_pass in (2, 3, len(rows)):
+        assert sweep(model, batches, rows, points_per_pass) == alone, points_per_pass
+    mixed = [{(0, 1): TopK(2), (1, 0): Temperature(0.5)}, {}, {(1, 3): MeanAblate(means), (0, 0): Uniform()}]
+    assert score_intervened_together(model, batches, mixed) == [score_intervened(model, batches, e) for e in mixed]
+    assert alone[0] != alone[1]  # and the edits differ from each other
+
+
+def test_stacked_parts_under_autograd_are_each_part_alone(model, idx):
+    """With gradients on, the parts are edited on a copy (no in-place write into a tensor autograd saved)."""
+    sets = [all_heads(model, TopK(2)), {}, {(1, 2): Temperature(3.0)}]
+    with explicit_attention(model), intervene_parts(model, sets):
+        stacked = model(idx.repeat(3, 1))  # (3 B, T, V)
+    stacked.sum().backward()
+    for r, edits in enumerate(sets):
+        with torch.no_grad(), explicit_attention(model), intervene(model, edits):
+            torch.testing.assert_close(stacked[r * B : (r + 1) * B].detach(), model(idx), atol=0, rtol=0)
+    model.zero_grad()

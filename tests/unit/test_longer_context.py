@@ -149,3 +149,15 @@ def test_learned_positions_get_the_1x_view_only_and_a_short_split_drops_what_doe
                                   lines.append)
     assert paired.multiples == (1, 2) and paired.n_targets == 2 * T  # the windows at T and 2 T
     assert len(lines) == 1 and f"no evaluate window with {3 * T} tokens before it" in lines[0]
+
+
+def test_the_length_test_scores_at_most_eval_length_test_tokens_of_targets():
+    from attnlab.analysis.evaluate import paired_length_losses
+
+    rope = tiny_model(VOCAB, seq_len=T)
+    tokens = np.random.default_rng(1).integers(0, VOCAB, size=20 * T + 1).astype(np.uint16)
+    starts = eval_starts(len(tokens), T)  # 20 windows, 17 of them with 3 T tokens before
+    for budget, windows in ((6 * T, 6), (T, 1), (0, 17), (10**6, 17)):
+        paired = paired_length_losses(rope, tokens, starts, (1, 2, 4), 4, max_targets=budget, log=print)
+        assert paired.n_targets == windows * T, budget
+        assert paired.scores[4].n_tokens == windows * 4 * T  # each target window scored with 4 T tokens

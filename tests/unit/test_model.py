@@ -12,7 +12,8 @@ from attention_reference import loop_attention, rotate_pairs, sinusoidal_loop
 
 from attnlab.analysis.capture import capture_attention, capture_points, explicit_attention
 from attnlab.core.params import ModelConfig
-from attnlab.model.positional import apply_rope, rope_angles, rope_rotation, rotate_pairs as rotate_model, sinusoidal_table
+from attnlab.model.positional import (apply_rope, rope_angles, rope_rotation, rotate_heads, rotate_pairs as rotate_model,
+                                      sinusoidal_table)
 from attnlab.model.transformer import Transformer, count_parameters, flops_per_token
 from attnlab.core.params import PE_VARIANTS
 
@@ -132,7 +133,8 @@ def test_apply_rope_matches_loop_rotation():
 
 
 def test_the_precomputed_rotation_in_bf16_rotates_in_bf16_and_matches_the_loop():
-    """Under bf16 autocast q and k stay bf16: real arithmetic in bf16, no fp32 round trip, same numbers to bf16."""
+    """Under bf16 autocast q and k stay bf16 (on the CPU through one fp32 product, rounded back once), the same
+    numbers to bf16's precision."""
     T, H, dim = 16, 3, 8
     x = torch.randn(2, T, H, dim, generator=torch.Generator().manual_seed(3)).bfloat16()  # (B, T, H, Dh)
     turn = rope_rotation(T, dim)[:, None]  # (T, 1, Dh/2): the same turn for every head
@@ -143,6 +145,23 @@ def test_the_precomputed_rotation_in_bf16_rotates_in_bf16_and_matches_the_loop()
          for b in range(2)], dtype=torch.float64)  # (B, T, H, Dh)
     torch.testing.assert_close(got.double(), expected, atol=0.05, rtol=0.02)  # bf16 keeps 8 bits of mantissa
     torch.testing.assert_close(rotate_model(x.float(), turn), expected.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotating_a_row_of_heads_at_once_equals_rotating_each_head(dtype):
+    """rotate_heads on [q | k] (2H heads side by side, a strided slice as the fused projection gives it) against
+    rotate_pairs on each head's (B, T, Dh) slice: the same products (to the last bit or two: a vectorised complex
+    multiply rounds its FMA differently from the scalar one)."""
+    B, T, H, Dh = 2, 12, 3, 8
+    qkv = torch.randn(B, T, 3 * H * Dh, generator=torch.Generator().manual_seed(5)).to(dtype)  # (B, T, 3D)
+    turn = rope_rotation(T + 4, Dh)  # (>= T, Dh/2): longer than the input, as after longer_context
+    got = rotate_heads(qkv[..., : 2 * H * Dh], turn)  # (B, T, 2D)
+    assert got.shape == (B, T, 2 * H * Dh) and got.dtype == dtype
+    for head in range(2 * H):
+        piece = qkv[..., head * Dh : (head + 1) * Dh]  # (B, T, Dh)
+        want = rotate_model(piece, turn[:T])  # (B, T, Dh)
+        torch.testing.assert_close(got[..., head * Dh : (head + 1) * Dh], want, atol=1e-6, rtol=1e-6, msg=str(head))
+    assert not torch.equal(got, qkv[..., : 2 * H * Dh])  # it does rotate
 
 
 def test_fused_qkv_is_the_three_projections_stacked():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnlab.analysis.capture import capture_attention
-from attnlab.analysis.stats import STAT_NAMES, offset_patterns, row_stats, stream_attention_stats
+from attnlab.analysis.stats import CAUSAL_TOLERANCE, STAT_NAMES, offset_patterns, row_stats, stream_attention_stats
 from attnlab.core.params import ModelConfig
 from attnlab.model.transformer import Transformer
 
@@ -112,6 +112,20 @@ def test_row_stats_tolerates_rounding_after_the_query():
         torch.testing.assert_close(value, row_stats(weights)[name], atol=1e-6, rtol=1e-6)
 
 
+def test_many_tiny_leaks_pass_one_large_leak_is_named_whatever_the_rest_of_its_matrix():
+    """check_causal first sums each matrix's weight after the diagonal: rows that each leak less than the
+    tolerance can add up to more than it, and must still pass; one leaking row among many clean ones fails."""
+    T = 64
+    weights = causal_softmax(torch.randn(2, 1, T, T, generator=torch.Generator().manual_seed(5)))  # (B, H, T, T)
+    tiny = weights + 1.5e-8 * torch.ones(T, T).triu(1)  # each row < 1e-6 after t, each matrix ~3e-5 in all
+    assert float(torch.triu(tiny, 1).sum((-1, -2)).min()) > CAUSAL_TOLERANCE
+    row_stats(tiny)
+    leaky = weights.clone()
+    leaky[1, 0, 40, 41] = 1e-5  # one row of the second matrix
+    with pytest.raises(ValueError, match=r"index \(1, 0, 40\) \(query position 40\)"):
+        row_stats(leaky)
+
+
 def test_row_stats_bounds_and_support_identity():
     torch.manual_seed(1)
     weights = causal_softmax(torch.randn(4, 2, 32, 32) * torch.logspace(-2, 2, 4)[:, None, None, None])
@@ -154,6 +168,12 @@ def test_one_hot_rows_give_zero_bits_exactly():
 def test_nan_weights_are_not_hidden():
     weights = torch.full((1, 1, 3, 3), float("nan"))
     assert torch.isnan(row_stats(weights)["entropy_bits"]).all()
+
+
+def test_a_negative_weight_gives_a_nan_entropy_not_a_clamped_one():
+    weights = torch.tensor([[1.0, 0.0, 0.0], [1.2, -0.2, 0.0], [0.2, 0.3, 0.5]])[None, None]  # (1, 1, T, T)
+    entropy = row_stats(weights)["entropy_bits"][0, 0]
+    assert torch.isnan(entropy[1]) and not torch.isnan(entropy[0]) and not torch.isnan(entropy[2])
 
 
 def test_offset_patterns_reindex_against_loop():

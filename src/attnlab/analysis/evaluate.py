@@ -7,9 +7,10 @@ targets with the m * seq_len tokens that end at its window: a window of m * seq_
 (m - 1) * seq_len before evaluate's, of which only the last seq_len targets count. So the views score the same
 tokens, each with the same tokens before it as in the shorter views plus seq_len more per step: what differs
 between them is the context and the positions it sits at, never the targets. The 1x view is evaluate's own
-windows (with M = 1, all of them: its loss is val_loss). Past the trained length the positions are extended by
-their closed forms (attnlab.model.transformer.longer_context); model.pe=learned has none, so it gets the 1x view
-only, with a note in the log.
+windows (with M = 1 and eval.length_test_tokens >= eval.max_tokens, all of them: its loss is val_loss).
+eval.length_test_tokens caps the targets (evenly spread), since view m costs m times their tokens. Past the
+trained length the positions are extended by their closed forms (attnlab.model.transformer.longer_context);
+model.pe=learned has none, so it gets the 1x view only, with a note in the log.
 """
 
 from __future__ import annotations
@@ -66,10 +67,13 @@ def evaluate(params: Params, model_path: Path, tokens_dir: Path, tokenizer_dir: 
     }
     by_position = {"position": list(range(seq_len)), "loss": _rounded(score.position_loss),
                    "tokens": list(score.position_tokens)}
-    paired = paired_length_losses(model, val_tokens, starts, params.eval.context_multiples, params.eval.batch_size,
-                                  log)
-    metrics.update(paired_metrics(paired))
-    by_position.update(paired_curves(paired, seq_len))
+    if params.eval.length_test_tokens:
+        paired = paired_length_losses(model, val_tokens, starts, params.eval.context_multiples,
+                                      params.eval.batch_size, log, max_targets=params.eval.length_test_tokens)
+        metrics.update(paired_metrics(paired))
+        by_position.update(paired_curves(paired, seq_len))
+    else:
+        log("[evaluate] no length test: eval.length_test_tokens is 0")
     processor = load_tokenizer(tokenizer_dir)
     return Evaluation(metrics, by_position, samples_markdown(model, processor, params))
 
@@ -104,14 +108,18 @@ def usable_multiples(model, n_tokens: int, starts: np.ndarray, multiples: tuple[
 
 
 def paired_length_losses(model, val_tokens: np.ndarray, starts: np.ndarray, multiples: tuple[int, ...],
-                         batch_size: int, log=print) -> PairedLengths:
+                         batch_size: int, log=print, max_targets: int = 0) -> PairedLengths:
     """The paired length test (module docstring) on evaluate's windows `starts` (each seq_len + 1 tokens):
     the targets of the windows with (M - 1) * seq_len tokens before them, M the largest usable multiple, each
-    scored with m * seq_len tokens of context for every usable m. batch_size is per 1x window: view m batches
-    batch_size // m windows, the same tokens per batch."""
+    scored with m * seq_len tokens of context for every usable m. At most max_targets targets (whole windows,
+    spread evenly over those; 0 = all): view m scores m times as many tokens. batch_size is per 1x window: view m
+    batches batch_size // m windows, the same tokens per batch."""
     seq_len = model.cfg.seq_len
     multiples = usable_multiples(model, len(val_tokens), starts, multiples, log)
     targets = starts[starts >= (max(multiples) - 1) * seq_len]  # (n,) starts of the 1x windows scored
+    n_windows = max(1, max_targets // seq_len)
+    if max_targets and n_windows < len(targets):
+        targets = targets[np.floor(np.arange(n_windows) * (len(targets) / n_windows)).astype(np.int64)]
     loss, scores = {}, {}
     for m in multiples:
         length = m * seq_len

@@ -29,7 +29,7 @@ from attnlab.analysis.interventions import (
     Uniform,
     intervene,
     mean_head_outputs,
-    score_intervened,
+    score_intervened_together,
 )
 from attnlab.core.errors import ConfigError
 from attnlab.core.params import Params
@@ -183,7 +183,7 @@ def run_interventions(
 
     means = mean_head_outputs(model, mean_batches)  # (L, H, Dh), from the train split only
     rows = sweep_rows(model.cfg.n_layers, model.cfg.n_heads, cfg.temperatures, cfg.top_k, means)
-    results = [score_intervened(model, val_batches, row.edits) for row in progress_bar(rows, desc="interventions", unit="row")]
+    results = sweep(model, val_batches, rows, cfg.points_per_pass)
     table = results_table(rows, results)
     return InterventionRun(
         table=table,
@@ -194,6 +194,18 @@ def run_interventions(
         n_mean_tokens=sum(x.numel() for x, _ in mean_batches),
         seconds=time.perf_counter() - start,
     )
+
+
+def sweep(model: Transformer, batches: list[Batch], rows: list[Row], points_per_pass: int) -> list[InterventionScore]:
+    """Every row's score, points_per_pass rows at a time in the same forward passes (score_intervened_together:
+    the same numbers as one row at a time)."""
+    results: list[InterventionScore] = []
+    with progress_bar(total=len(rows), desc="interventions", unit="row") as bar:
+        for first in range(0, len(rows), points_per_pass):
+            group = rows[first : first + points_per_pass]
+            results += score_intervened_together(model, batches, [row.edits for row in group])
+            bar.update(len(group))
+    return results
 
 
 def intervention_samples(model: Transformer, sp, params: Params, table: pd.DataFrame) -> str:

@@ -57,7 +57,16 @@ CAUSAL_TOLERANCE = 1e-6  # most weight a row may put on keys after its query bef
 
 def check_causal(p: torch.Tensor) -> None:
     """Raise ValueError naming the first row of p (..., T, T) with more than CAUSAL_TOLERANCE weight on keys after
-    its query position. NaN rows pass: row_stats returns NaN for them rather than hiding them."""
+    its query position. NaN rows pass: row_stats returns NaN for them rather than hiding them.
+
+    First, one matrix-vector product sums each (T, T) matrix's weight after the diagonal, reading p once and
+    writing nothing; for weights >= 0 (a negative weight makes its row's entropy NaN) no row can exceed the
+    tolerance when its matrix's sum does not. Only a matrix over it is searched row by row.
+    """
+    T = p.shape[-1]
+    upper = torch.ones(T, T, dtype=p.dtype, device=p.device).triu_(1).reshape(T * T)  # (T*T,) 1 where key > query
+    if not bool((p.reshape(-1, T * T) @ upper > CAUSAL_TOLERANCE).any()):  # (N,) each matrix's weight after t
+        return
     after = torch.triu(p, diagonal=1).abs_().sum(-1)  # (..., T) weight on keys j > t
     bad = after > CAUSAL_TOLERANCE
     if bool(bad.any()):
@@ -81,7 +90,8 @@ def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     check_causal(p)
     position = torch.arange(T, device=p.device, dtype=torch.float32)  # (T,) query position t
     max_bits = torch.log2(position + 1.0)  # (T,) log2(number of visible keys)
-    entropy_nats = -torch.special.xlogy(p, p).sum(-1)  # (..., T); xlogy(0, 0) = 0
+    entropy_nats = torch.special.entr(p).sum(-1)  # (..., T); entr(p) = -p ln p, entr(0) = 0 (xlogy's numbers, faster)
+    entropy_nats = entropy_nats.masked_fill(entropy_nats == float("-inf"), float("nan"))  # a weight < 0: NaN, shown
     # Rounding can step a hair outside the exact bounds [0, log2(t+1)]; NaN stays NaN (clamp keeps it).
     entropy_bits = torch.minimum((entropy_nats / math.log(2.0)).clamp_min(0.0), max_bits)
     support = torch.exp2(entropy_bits)
@@ -186,7 +196,7 @@ def batch_stats(
     before it is freed.
     """
     with torch.inference_mode(), capture_attention(model) as cache:
-        model(batch)
+        model.residual(batch)  # every layer's attention, without the tied head's logits, which no statistic reads
         per_layer = []
         for layer in range(model.cfg.n_layers):
             weights = cache.pop(layer)  # (B, H, T, T); freed once its stats are taken

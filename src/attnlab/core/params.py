@@ -177,9 +177,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     max_tokens: int = 1_000_000  # validation tokens scored (whole windows); 0 = the whole split
+    length_test_tokens: int = 65536  # targets of the paired length test (whole windows); 0 = no test
     batch_size: int = 16
     prompts: tuple[str, ...] = ("import torch\n", "def forward(self, x):\n", "class ")
-    sample_tokens: int = 160  # tokens generated per prompt
+    sample_tokens: int = 160  # tokens generated per prompt: one forward pass each
     sample_temperature: float = 0.8
     sample_top_k: int = 50  # 0 = sample from the full distribution
     # The paired length test: the same targets scored with 1x, 2x, ... seq_len tokens of context (evaluate.py).
@@ -187,6 +188,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         _non_negative("eval.max_tokens", self.max_tokens)
+        _non_negative("eval.length_test_tokens", self.length_test_tokens)
         multiples = list(self.context_multiples)
         if not multiples or multiples[0] != 1 or any(b <= a for a, b in zip(multiples, multiples[1:])):
             raise ConfigError("eval.context_multiples", f"{multiples} must start at 1 and increase, e.g. [1, 2, 4]: "
@@ -233,6 +235,7 @@ class InterventionsConfig:
     n_eval_tokens: int = 65536  # validation tokens scored per intervention (whole sequences)
     mean_tokens: int = 65536  # train tokens used to compute each head's mean output (mean-ablation)
     batch_size: int = 8
+    points_per_pass: int = 4  # sweep points scored in one forward pass, each on its own copy of the batch
     temperatures: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
     top_k: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 512)
     sample_tokens: int = 120  # tokens generated per prompt for intervention_samples.md
@@ -241,6 +244,7 @@ class InterventionsConfig:
         _positive("interventions.n_eval_tokens", self.n_eval_tokens)
         _positive("interventions.mean_tokens", self.mean_tokens)
         _positive("interventions.batch_size", self.batch_size)
+        _positive("interventions.points_per_pass", self.points_per_pass)
         _positive("interventions.sample_tokens", self.sample_tokens)
         if not self.temperatures:
             raise ConfigError("interventions.temperatures", "needs at least one temperature")

@@ -45,15 +45,32 @@ def rotate_pairs(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
 
     x: (..., T, dim) or anything whose trailing dims broadcast against turn's (T, dim/2) once the pairs are
     formed; turn: complex, from rope_rotation. Returns x's shape and dtype. fp32 and fp64 multiply as complex
-    numbers, in place of any dtype conversion; bf16/fp16 (no complex type of their own) rotate in real
-    arithmetic in their own dtype, so autocast never round-trips through fp32 here.
+    numbers, in place of any dtype conversion. bf16/fp16 have no complex type of their own: on the CPU they
+    go through one fp32 complex product, rounded back once (three operations forward and backward, ~3x
+    faster there than six in bf16: docs/performance.md); elsewhere (a GPU, where compile fuses them) they
+    rotate in real arithmetic in their own dtype, with no fp32 round trip.
     """
     if x.dtype in (torch.float32, torch.float64):
         z = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (..., dim/2) complex, a view of x
         return torch.view_as_real(z * turn.to(z.dtype)).flatten(-2)
+    if x.device.type == "cpu":
+        return rotate_pairs(x.float(), turn).to(x.dtype)
     cos, sin = turn.real.to(x.dtype), turn.imag.to(x.dtype)  # (T, dim/2) each
     even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., dim/2) each
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+def rotate_heads(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """RoPE per head on a row of several heads: x (B, T, n * Dh) holds n heads of Dh side by side (e.g. q's
+    heads, then k's), and each head's pairs turn by the same angles, turn (>= T, Dh/2) from rope_rotation.
+
+    The turn is laid out once for the whole row, (T, n * Dh/2), so that the product runs along rows of n * Dh/2
+    complex numbers instead of broadcasting over heads in steps of Dh/2: the products of rotating each head on
+    its own (rotate_pairs on (B, T, n, Dh)), in one pass. Returns x's shape and dtype.
+    """
+    T, width = x.shape[-2], x.shape[-1]
+    n = width // (2 * turn.shape[-1])
+    return rotate_pairs(x, turn[:T].repeat(1, n))  # turn (T, n * Dh/2): head h's pairs at [h Dh/2, (h+1) Dh/2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from attnlab.core.progress import progress_bar
 from attnlab.data.tokens import windows
+from attnlab.model.loss import head_token_losses
+from attnlab.model.transformer import Transformer
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T), next-token targets (B, T), int64
 
@@ -51,27 +53,54 @@ def score_batches(
 ) -> Score:
     """Mean next-token loss of the model over the batches (model in eval mode). `after_forward` runs after each
     forward pass, e.g. to read attention captured in that same pass."""
+    return score_parts(model, batches, 1, after_forward, progress, total)[0]
+
+
+@torch.no_grad()
+def score_parts(
+    model: torch.nn.Module, batches: Iterable[Batch], parts: int,
+    after_forward: Callable[[], None] | None = None, progress: bool = False, total: int | None = None,
+) -> list[Score]:
+    """score_batches of batches that stack `parts` equal parts (rows [r b, (r+1) b) of a batch of parts * b
+    windows are part r, e.g. the same windows under different interventions): one Score per part, each summed
+    from its own rows only, in the order score_batches sums them."""
     model.eval()
     device = next(model.parameters()).device
-    position_sum: torch.Tensor | None = None  # (T,) float64 loss summed over windows
-    position_count: torch.Tensor | None = None  # (T,) windows that reach each position
+    position_sum: torch.Tensor | None = None  # (parts, T) float64 loss summed over windows
+    position_count: torch.Tensor | None = None  # (parts, T) windows that reach each position
     for inputs, targets in progress_bar(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False):
-        logits = model(inputs)  # (B, T, V)
-        losses = F.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")  # (B, T)
+        losses = token_losses(model, inputs, targets).unflatten(0, (parts, -1))  # (parts, b, T)
         T = targets.shape[1]
         if position_sum is None:
-            position_sum = torch.zeros(T, dtype=torch.float64, device=device)
-            position_count = torch.zeros(T, dtype=torch.int64, device=device)
-        position_sum[:T] += losses.double().sum(0)
-        position_count[:T] += targets.shape[0]
+            position_sum = torch.zeros(parts, T, dtype=torch.float64, device=device)
+            position_count = torch.zeros(parts, T, dtype=torch.int64, device=device)
+        position_sum += losses.double().sum(1)
+        position_count += losses.shape[1]
         if after_forward is not None:
             after_forward()
     if position_sum is None:
         raise ValueError("score_batches: no tokens to score")
+    return [_score(position_sum[part], position_count[part]) for part in range(parts)]
+
+
+def _score(position_sum: torch.Tensor, position_count: torch.Tensor) -> Score:
+    """A Score from the (T,) loss sums and window counts of each position."""
     n_tokens = int(position_count.sum().item())
     per_position = (position_sum / position_count.clamp(min=1)).tolist()
     return Score(loss=float(position_sum.sum().item() / n_tokens), n_tokens=n_tokens,
                  position_loss=tuple(per_position), position_tokens=tuple(position_count.tolist()))
+
+
+def token_losses(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The next-token loss at every position, (B, T) float32. attnlab's Transformer goes through its residual
+    stream and the head a block of rows at a time (head_token_losses: no (B, T, V) logits); any other model
+    through its logits."""
+    if isinstance(model, Transformer):
+        return head_token_losses(model.residual(inputs), model.tok_emb.weight, targets)
+    B, T = targets.shape
+    logits = model(inputs)  # (B, T, V)
+    # over rows of V contiguous logits: (B, V, T) through transpose(1, 2) takes a strided path ~7x slower
+    return F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T), reduction="none").view(B, T)
 
 
 def score_windows(

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnlab.core.params import ModelConfig, parse_head_selector
-from attnlab.model.positional import (ComplexLinear, alibi_bias, alibi_slopes, rope_rotation, rotate_pairs,
-                                      sinusoidal_table)
+from attnlab.model.positional import (ComplexLinear, alibi_bias, alibi_slopes, rope_rotation, rotate_heads,
+                                      rotate_pairs, sinusoidal_table)
 
 # ------------------------------------------------------------------------------------------------- hooks
 
@@ -135,16 +135,25 @@ class CausalSelfAttention(nn.Module):
             return self.q_proj(x_pos), self.k_proj(x_pos), self.v_proj(x)  # v real, without position
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def rotated_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V of x (B, T, D) as the scores use them: q and k with RoPE where model.pe is rope or
+        rope_model_dim. Each (B, T, D)."""
+        T, D = x.shape[1], self.d_model
+        if self.pe == "rope" and self.fused:  # per head, q and k in one product: [q | k] is 2H heads side by side
+            qk, v = self.qkv(x).split((2 * D, D), dim=-1)  # (B, T, 2D), (B, T, D); split: one cat backward
+            q, k = rotate_heads(qk, self.rope_turn).split(D, dim=-1)  # (B, T, D) each
+            return q, k, v
+        q, k, v = self.projections(x)  # (B, T, D) each
+        if self.pe == "rope":  # per head: scores depend on relative position only
+            q, k = rotate_heads(q, self.rope_turn), rotate_heads(k, self.rope_turn)
+        if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
+            q, k = rotate_pairs(q, self.rope_turn[:T]), rotate_pairs(k, self.rope_turn[:T])
+        return q, k, v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         H, Dh = self.n_heads, self.d_head
-        q, k, v = self.projections(x)  # (B, T, D) each
-        if self.pe == "rope_model_dim":  # the original study's first version: rotate all D dims, then split
-            q, k = rotate_pairs(q, self.rope_turn[:T]), rotate_pairs(k, self.rope_turn[:T])
-        if self.pe == "rope":  # per head: scores depend on relative position only
-            turn = self.rope_turn[:T, None]  # (T, 1, Dh/2): the same turn for every head
-            q = rotate_pairs(q.view(B, T, H, Dh), turn).view(B, T, D)
-            k = rotate_pairs(k.view(B, T, H, Dh), turn).view(B, T, D)
+        q, k, v = self.rotated_projections(x)  # (B, T, D) each
         q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = k.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         v = v.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
@@ -162,12 +171,18 @@ class CausalSelfAttention(nn.Module):
         return self.out_proj(out)
 
     def _explicit_attention(self, q, k, v, dropout_p: float) -> torch.Tensor:
-        T = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, T)
+        B, H, T, Dh = q.shape
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else q.dtype
         if self.pe == "alibi":
-            scores = scores + alibi_bias(self.alibi_slopes, T).to(scores.dtype)  # (B, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T) key <= query
-        scores = scores.masked_fill(~causal, float("-inf"))
+            mask = self._alibi_mask(T, dtype)  # (H, T, T): the bias, -inf where key > query
+        else:
+            mask = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu_(1)[None]  # (1, T, T)
+        # mask + (q @ k^T) / sqrt(Dh) in one batched GEMM: its output starts as the mask, and the scaled product
+        # is added onto it, so the scores are written once
+        keys = k.reshape(B * H, T, Dh).transpose(1, 2)  # (B H, Dh, T)
+        start = mask.expand(B, H, T, T).reshape(B * H, T, T)  # (B H, T, T)
+        scores = torch.baddbmm(start, q.reshape(B * H, T, Dh), keys, alpha=1.0 / math.sqrt(Dh))
+        scores = scores.view(B, H, T, T)  # (B, H, T, T)
         scores = self.hook_scores(scores)  # (B, H, T, T)
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # bf16 up to fp32; fp64 stays fp64
         pattern = torch.softmax(scores.to(softmax_dtype), dim=-1).to(q.dtype)  # (B, H, T, T)
@@ -269,6 +284,11 @@ class Transformer(nn.Module):
         return [block.attn for block in self.blocks]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.residual(idx) @ self.tok_emb.weight.t()  # (B, T, V) tied head
+
+    def residual(self, idx: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block and ln_f, what the tied head reads: (B, T, D). The train
+        stage's loss takes it from here (attnlab.model.loss), so that the logits are never materialised."""
         B, T = idx.shape
         if T > self.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len} "
@@ -281,8 +301,7 @@ class Transformer(nn.Module):
         x = self.hook_embed(self.drop(x))
         for block in self.blocks:
             x = block(x)  # (B, T, D)
-        x = self.ln_f(x)
-        return x @ self.tok_emb.weight.t()  # (B, T, V) tied head
+        return self.ln_f(x)  # (B, T, D)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from attnlab.core.io import write_json
 from attnlab.core.params import Params
 from attnlab.data.tokens import batch_starts, check_length, eval_starts, load_meta, load_tokens, rank_slice, windows
 from attnlab.model.checkpoint import save_model
-from attnlab.model.transformer import Transformer, flops_per_token, lm_loss
+from attnlab.model.loss import NextTokenLoss
+from attnlab.model.transformer import Transformer, flops_per_token
 from attnlab.training.checkpoints import fingerprint, load_checkpoint, save_checkpoint
 from attnlab.training.distributed import Dist, check_world, dist_from_env
 from attnlab.training.monitor import LOG_COLUMNS, VAL_COLUMNS, LearningWatch, append_log, warn_if_long, write_log
@@ -80,7 +81,7 @@ class Run:
     val_tokens: np.ndarray
     val_starts: np.ndarray  # the periodic validation windows
     model: Transformer
-    train_model: torch.nn.Module  # the model as stepped: compiled and/or wrapped in DDP
+    train_model: torch.nn.Module  # what a step calls: NextTokenLoss(model), (x, y) -> loss; compiled and/or in DDP
     optimizer: torch.optim.Optimizer
     watch: LearningWatch
     start_step: int = 0
@@ -187,7 +188,7 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
         params=params, paths=paths, world=world, device=device, amp=amp, budget=budget,
         fingerprint=fingerprint(params, vocab_size, paths.tokens, precision_name(amp)), meta=meta,
         train_tokens=train_tokens,
-        val_tokens=val_tokens, val_starts=val_starts, model=model, train_model=model,
+        val_tokens=val_tokens, val_starts=val_starts, model=model, train_model=NextTokenLoss(model),
         optimizer=make_optimizer(model, cfg, device), watch=LearningWatch(unigram, budget.steps),
         precision_reason=why,
     )
@@ -199,7 +200,7 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
     )
     resume(run)
     if device.type == "cuda" and cfg.compile:
-        run.train_model = torch.compile(model)
+        run.train_model = torch.compile(run.train_model)
     if world.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -245,8 +246,7 @@ def train_step(run: Run, step: int) -> torch.Tensor:
         accumulate_only = run.world.world_size > 1 and m < n_micro - 1
         with run.train_model.no_sync() if accumulate_only else nullcontext():
             with autocast(run.device, run.amp):
-                logits = run.train_model(x)  # (b, T, V)
-            loss = lm_loss(logits, y) / n_micro
+                loss = run.train_model(x, y) / n_micro  # NextTokenLoss: the forward pass and its loss
             loss.backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     if cfg.grad_clip:
