@@ -14,6 +14,11 @@ QUICK_PARAMS ?= -S corpus.max_mb=3 -S tokenizer.vocab_size=2048 -S tokenizer.sam
 	-S attention.n_examples=16 -S 'attention.seq_len_filter=[32,64]' \
 	-S interventions.n_eval_tokens=16384 -S interventions.mean_tokens=16384 -S interventions.sample_tokens=60 \
 	-S probe.n_examples=16 -S head_roles.n_sequences=32
+# The study's own shape on a CPU: 4 layers x 4 heads over 512 tokens with the default corpus and 8,192-piece
+# tokenizer (the data stages are the default study's), d_model 128 and a budget that fits 2 cores (docs/training.md,
+# "The study's shape on a CPU"); every analysis at its params.yaml sizes.
+STUDY_CPU_PARAMS ?= -S model.d_model=128 -S model.d_ff=512 -S train.batch_size=16 -S train.lr=0.003 \
+	-S train.max_tokens=12000000
 export PATH := $(abspath $(BIN)):$(PATH)
 
 # The project's optional extras to install (pyproject.toml): dev = the test tools; lens = TransformerLens, for
@@ -45,6 +50,9 @@ run: venv  ## the whole study with params.yaml
 
 quick: venv  ## the whole pipeline with the small CPU profile, applied as a DVC experiment
 	dvc exp run $(QUICK_PARAMS)
+
+study-cpu: venv  ## the whole pipeline at the study's shape (4 layers x 4 heads x 512 tokens) on a CPU, as a DVC experiment
+	dvc exp run $(STUDY_CPU_PARAMS)
 
 test: venv  ## the test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
