@@ -54,6 +54,11 @@ quick: venv  ## the whole pipeline with the small CPU profile, applied as a DVC 
 study-cpu: venv  ## the whole pipeline at the study's shape (4 layers x 4 heads x 512 tokens) on a CPU, as a DVC experiment
 	dvc exp run $(STUDY_CPU_PARAMS)
 
+# The reference GPT trained alone at study-cpu's shape, budget and batches, in the precision the model trained in,
+# against its models/model.pt: `make study-cpu` first.
+reference-study-cpu: venv  ## the reference GPT against `make study-cpu`'s model, same shape, budget, tokens -> reports/reference_study_cpu.json
+	$(BIN)/python -m benchmarks.bench_quality --out reports/reference_study_cpu.json
+
 test: venv  ## the test suite
 	$(BIN)/python -m pytest -n 2 --dist loadgroup
 

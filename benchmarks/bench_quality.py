@@ -13,7 +13,9 @@ side (common.LoopTimer): after each window of the loop, as many steps of each of
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -21,8 +23,13 @@ from pathlib import Path
 
 import torch
 
+from attnlab.core.cli import run_cli
+from attnlab.core.io import write_json
+from attnlab.core.params import Params, load_params
+from attnlab.model.checkpoint import load_model
 from attnlab.model.scoring import score_windows, unigram_loss, window_targets
-from attnlab.core.params import Params
+from attnlab.core.errors import ConfigError
+from attnlab.core.progress import progress_bar
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
 from attnlab.training.schedule import make_budget
 from benchmarks.common import LoopTimer, loop_speed_keys, reference_steps, stage_step, sync, train_stage
@@ -82,3 +89,62 @@ def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool 
         "train_loop_steps_timed": sum(w["steps"] for w in timer.windows),
         **loop_speed_keys(speeds, metrics["precision"]),
     }
+
+
+def reference_against_model(params: Params, tokens: str | Path, model_path: str | Path, precision: str) -> dict:
+    """The reference GPT trained alone (in `precision`, auto = the model's) at the shape, budget, batch size and
+    seed of the model file's training run, on its token files; both scored on evaluate's windows in fp32."""
+    model, meta = load_model(model_path)
+    m, vocab = model.cfg, model.vocab_size
+    if int(load_meta(tokens)["vocab_size"]) != vocab:
+        raise ConfigError(str(tokens), f"holds tokens of another vocabulary than {model_path} ({vocab})")
+    trained = meta.get("train_metrics", {})
+    precision = trained.get("precision", "fp32") if precision == "auto" else precision
+    budget = make_budget(params, vocab)
+    if trained.get("train_tokens") not in (None, budget.total_tokens):
+        raise ConfigError(str(model_path), f"trained on {trained['train_tokens']:,} tokens, params.yaml's budget "
+                                           f"is {budget.total_tokens:,}: run it with the params it was trained with")
+    train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
+    shape = ReferenceShape(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.seq_len)
+    log(f"training the reference GPT in {precision} ({budget.steps} steps of {params.train.batch_size} x {m.seq_len})")
+    reference = ReferenceTrainer(shape, train_tokens, budget.steps, params.train.batch_size, params.seed,
+                                 "cpu", precision)
+    start = time.perf_counter()
+    for i in progress_bar(range(budget.steps), desc="reference", unit="step"):
+        reference.step(i)
+    seconds = time.perf_counter() - start
+    starts = eval_starts(len(val_tokens), m.seq_len, params.eval.max_tokens)
+    ours, theirs = (score_windows(net, val_tokens, starts, m.seq_len, params.eval.batch_size, progress=True)
+                    for net in (model, reference.model))
+    unigram = unigram_loss(train_tokens, window_targets(val_tokens, starts, m.seq_len), vocab)
+    return {
+        "shape": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, seq {m.seq_len}, "
+                 f"vocab {vocab}, {budget.total_tokens:,} tokens, batch {params.train.batch_size}, seed {params.seed}",
+        "val_tokens": ours.n_tokens,
+        "unigram_loss": round(unigram, 4),
+        "attnlab_val_loss": round(ours.loss, 4),
+        "attnlab_precision": trained.get("precision"),
+        "reference_val_loss": round(theirs.loss, 4),
+        "reference_precision": precision,
+        "attnlab_vs_reference": round(ours.loss / theirs.loss, 4),
+        "reference_n_params": sum(p.numel() for p in reference.model.parameters()),
+        "reference_tok_s": round(budget.total_tokens / seconds, 1),
+    }
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1])
+    p.add_argument("--model", default="models/model.pt", help="the train stage's model file")
+    p.add_argument("--params", default="params.yaml", help="the params it was trained with")
+    p.add_argument("--tokens", default="data/tokens", help="the token files it was trained on")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the reference's; auto = the precision the model trained in")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    result = reference_against_model(load_params(args.params), args.tokens, args.model, args.precision)
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))

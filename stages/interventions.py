@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     write_json(args.metrics, {**run.metrics, "seconds": round(run.seconds, 2)})  # the sweep's and samples' wall time
     with atomic_path(args.table) as tmp:
         run.table.to_parquet(tmp, index=False)
-    write_intervention_figures(run.table, args.figures)
+    write_intervention_figures(run.table, args.figures, params.model.seq_len)
     write_text(args.samples, run.samples_md)
     base, uniform = run.metrics["baseline"], run.metrics["uniform_all"]
     seconds = time.perf_counter() - start

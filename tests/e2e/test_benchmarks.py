@@ -99,3 +99,29 @@ def test_gpu_check_dry_run_writes_its_report_on_the_cpu(tmp_path):
     assert results["peak_source"] == "measured bf16 matmul" and math.isfinite(results["mfu"])
     assert {f"{part}_seconds" for part in ("data", "matmul_peak", "train", "analysis", "wall")} <= set(results)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]  # the rest lived in a temporary folder
+
+
+def test_the_reference_against_a_trained_model_file_matches_its_budget_and_refuses_another(tmp_path):
+    import dataclasses
+
+    from attnlab.core.errors import ConfigError
+    from attnlab.model.checkpoint import save_model
+    from attnlab.model.scoring import score_windows
+    from attnlab.data.tokens import eval_starts, load_tokens
+    from benchmarks.bench_quality import reference_against_model
+
+    tokens = write_tokens(tmp_path / "tokens")
+    params = load_params(write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS))
+    metrics, model = train_stage(params, tokens)
+    save_model(tmp_path / "model.pt", model, meta={"train_metrics": metrics})
+    result = reference_against_model(params, tokens, tmp_path / "model.pt", "auto")
+    val = load_tokens(tokens, "val")
+    seq_len = params.model.seq_len
+    ours = score_windows(model, val, eval_starts(len(val), seq_len, params.eval.max_tokens), seq_len, 4)
+    assert result["attnlab_val_loss"] == round(ours.loss, 4)  # the model file, scored on evaluate's windows
+    assert result["reference_precision"] == metrics["precision"]
+    assert math.isfinite(result["reference_val_loss"]) and result["reference_val_loss"] < result["unigram_loss"] + 1
+    assert f"{make_budget(params, 512).total_tokens:,} tokens" in result["shape"]
+    longer = dataclasses.replace(params, train=dataclasses.replace(params.train, max_tokens=2 * metrics["train_tokens"]))
+    with pytest.raises(ConfigError, match="trained on"):
+        reference_against_model(longer, tokens, tmp_path / "model.pt", "fp32")

@@ -195,7 +195,7 @@ def test_figures_are_written_and_deterministic(workdir, stage_run, tmp_path):
         data = (workdir / "reports/figures" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     table = pd.read_parquet(workdir / "data/interventions/results.parquet")
-    write_intervention_figures(table, tmp_path)
+    write_intervention_figures(table, tmp_path, SEQ_LEN)
     for name in names:
         assert (tmp_path / name).read_bytes() == (workdir / "reports/figures" / name).read_bytes(), name
     leftovers = [p for p in workdir.rglob("*.tmp")]

@@ -185,6 +185,7 @@ def test_support_hist_by_head_draws_only_rows_in_window():
                 assert in_window == pytest.approx((STOP - START - 1) / (STOP - START))
                 for outside in (BEFORE, AT_STOP, AFTER, IN_WINDOW[1 - head]):
                     assert height_at(lefts, widths, heights, outside) == 0, (head, split, outside)
+        assert fig.axes[0].get_shared_y_axes().joined(fig.axes[0], fig.axes[1])  # one density scale for all heads
         assert "normalized support = support / (position + 1)" in fig.axes[-1].get_xlabel()
         assert "normalized support = support / (position + 1)" in fig.get_suptitle()
         assert f"query positions {START} to {STOP - 1}" in fig.get_suptitle()
@@ -406,3 +407,23 @@ def test_induction_over_training_draws_each_head_and_the_loss_against_tokens():
         np.testing.assert_allclose(icl.get_lines()[0].get_ydata(), snapshots["repeat_icl_nats"])
     finally:
         plt.close(fig)
+
+
+def test_the_top_k_figure_draws_every_k_from_seq_len_on_as_one_all_keys_point():
+    import matplotlib.pyplot as plt
+
+    from attnlab.report.plots_interventions import plot_top_k
+
+    ks = [1, 2, 4, 8, 16, 512]
+    table = pd.DataFrame({"kind": ["baseline"] + ["top_k"] * len(ks), "setting": [""] + [str(k) for k in ks],
+                          "loss": [3.0, 4.0, 3.5, 3.2, 3.1, 3.05, 3.0]})
+    for seq_len, labels, xs in ((16, ["1", "2", "4", "8", "all keys\n(k >= 16)"], [1, 2, 4, 8, 16]),
+                                (1024, [str(k) for k in ks], ks)):
+        fig = plot_top_k(table, seq_len)
+        try:
+            ax = fig.axes[0]
+            assert [t.get_text() for t in ax.get_xticklabels()] == labels
+            assert list(ax.lines[0].get_xdata()) == xs
+            assert ax.lines[0].get_ydata()[-1] == (3.05 if seq_len == 16 else 3.0)  # k = 16: the first of them
+        finally:
+            plt.close(fig)

@@ -68,7 +68,8 @@ def score_parts(
     device = next(model.parameters()).device
     position_sum: torch.Tensor | None = None  # (parts, T) float64 loss summed over windows
     position_count: torch.Tensor | None = None  # (parts, T) windows that reach each position
-    for inputs, targets in progress_bar(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False):
+    bar = progress_bar(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False)
+    for inputs, targets in bar:
         losses = token_losses(model, inputs, targets).unflatten(0, (parts, -1))  # (parts, b, T)
         T = targets.shape[1]
         if position_sum is None:

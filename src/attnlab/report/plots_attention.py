@@ -160,7 +160,7 @@ def support_hist_by_head(df: pd.DataFrame, seq_len_filter: tuple[int, int]) -> F
     start, stop = seq_len_filter
     part = rows_in_positions(df, start, stop)
     with sns.axes_style(STYLE):
-        fig, axes = _grid(L, H, sharex=True)
+        fig, axes = _grid(L, H, sharex=True, sharey=True)  # one density scale, as the study drew it
         groups = part.groupby(["layer", "head", "split"], observed=True)["normalized_support"]
         for (layer, head, split), values in groups:
             ax = axes[int(layer), int(head)]

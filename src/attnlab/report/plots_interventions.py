@@ -61,15 +61,22 @@ def plot_temperature(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_top_k(table: pd.DataFrame) -> Figure:
-    """Loss against k (log2 x), all heads keeping their k largest scores."""
+def plot_top_k(table: pd.DataFrame, seq_len: int | None = None) -> Figure:
+    """Loss against k (log2 x), all heads keeping their k largest scores. Every k >= seq_len keeps all keys (a query
+    sees at most seq_len): those settings are one point, "all keys", one step right of the largest k below it."""
     rows = _rows(table, "top_k").assign(k=lambda d: d["setting"].astype(int)).sort_values("k")
+    if seq_len is not None and (rows["k"] >= seq_len).any() and (rows["k"] < seq_len).any():
+        below = rows[rows["k"] < seq_len]
+        rows = pd.concat([below, rows[rows["k"] >= seq_len].head(1).assign(k=2 * int(below["k"].max()))])
+        labels = [str(k) for k in below["k"]] + [f"all keys\n(k >= {seq_len})"]
+    else:
+        labels = [str(k) for k in rows["k"]]
     with sns.axes_style(STYLE):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         ax.plot(rows["k"], rows["loss"], marker="o", label="all heads top-k")
         ax.axhline(_baseline(table), color="gray", linestyle="--", label="baseline (softmax over all keys)")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(rows["k"].tolist(), [str(k) for k in rows["k"]])
+        ax.set_xticks(rows["k"].tolist(), labels)
         ax.minorticks_off()
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set(
@@ -128,12 +135,13 @@ DRAW = {
 }
 
 
-def write_intervention_figures(table: pd.DataFrame, figures_dir: str | Path) -> list[Path]:
+def write_intervention_figures(table: pd.DataFrame, figures_dir: str | Path, seq_len: int | None = None) -> list[Path]:
     """Draw and save the figures of INTERVENTION_FIGURES (each with its function in DRAW) into figures_dir;
-    returns their paths."""
+    returns their paths. seq_len, the model's, lets the top-k figure draw k >= seq_len as "all keys"."""
     paths = []
     for name, _ in INTERVENTION_FIGURES:
         path = Path(figures_dir) / name
-        save_figure(DRAW[name](table), path)
+        draw = DRAW[name]
+        save_figure(draw(table, seq_len) if draw is plot_top_k else draw(table), path)
         paths.append(path)
     return paths
