@@ -23,30 +23,41 @@ def emd_loop(a, b) -> float:
     return total
 
 
-def test_emd_matches_loop_reference_unequal_sizes():
+def distribution_samples(distribution: np.ndarray, n: int) -> np.ndarray:
+    """n samples of key offsets whose counts are distribution * n (an integer for each offset)."""
+    counts = np.rint(distribution * n).astype(int)
+    assert counts.sum() == n
+    return np.repeat(np.arange(len(distribution)), counts).astype(np.float64)
+
+
+def test_offset_emd_matches_the_loop_over_samples_and_closed_forms():
     rng = np.random.default_rng(0)
-    for n_a, n_b in ((5, 5), (7, 3), (20, 13)):
-        a, b = rng.exponential(3.0, n_a), rng.normal(2.0, 1.0, n_b)
-        assert plots.emd_1d(a, b) == pytest.approx(emd_loop(a, b), rel=1e-12)
+    n, T = 60, 9
+    dists = np.stack([rng.multinomial(n, rng.dirichlet(np.ones(T))) / n for _ in range(4)])  # (4, T)
+    got = plots.pairwise_offset_emd(dists)
+    for i in range(4):
+        for j in range(4):
+            want = emd_loop(distribution_samples(dists[i], n), distribution_samples(dists[j], n))
+            assert got[i, j] == pytest.approx(want, abs=1e-12), (i, j)
+    point = np.eye(T)  # all mass at one offset each
+    assert plots.pairwise_offset_emd(point[[0, 5]])[0, 1] == pytest.approx(5.0)  # moved 5 tokens
+    uniform = np.r_[np.ones(5) / 5, np.zeros(T - 5)]  # offsets 0..4
+    assert plots.pairwise_offset_emd(np.stack([uniform, point[0]]))[0, 1] == pytest.approx(2.0)  # mean offset
 
 
-def test_emd_closed_forms():
-    rng = np.random.default_rng(1)
-    a = rng.random(50)
-    assert plots.emd_1d(a, a + 2.5) == pytest.approx(2.5)  # a shift moves every unit of mass by 2.5
-    assert plots.emd_1d(a, a) == 0.0
-    assert plots.emd_1d([0.0], [4.0]) == pytest.approx(4.0)
-    # equal sizes: mean distance between sorted samples
-    b = rng.random(50) * 3
-    assert plots.emd_1d(a, b) == pytest.approx(np.mean(np.abs(np.sort(a) - np.sort(b))))
+def test_offset_distributions_average_the_query_rows():
+    from attnlab.analysis.stats import offset_patterns
 
-
-def test_pairwise_emd_is_symmetric_with_zero_diagonal():
-    rng = np.random.default_rng(2)
-    samples = [rng.random(30) * k for k in range(1, 5)]
-    d = plots.pairwise_emd(samples)
-    assert np.allclose(d, d.T) and np.all(np.diag(d) == 0)
-    assert d[0, 1] == pytest.approx(plots.emd_1d(samples[0], samples[1]))
+    T = 6
+    previous = np.eye(T, k=-1)  # (T query, T key): each query on the token before it
+    previous[0, 0] = 1.0
+    first = np.zeros((T, T))
+    first[:, 0] = 1.0  # every query on token 0
+    patterns = offset_patterns(np.stack([previous, first])[None])  # (1, 2, T, T offsets)
+    dists = plots.offset_distributions(patterns)[0]  # (2, T)
+    np.testing.assert_allclose(dists.sum(-1), 1.0)
+    np.testing.assert_allclose(dists[0], np.r_[1, T - 1, np.zeros(T - 2)] / T)  # offset 1 but at query 0
+    np.testing.assert_allclose(dists[1], np.ones(T) / T)  # query t at offset t
 
 
 def small_table(L=2, H=2, T=12, n=3) -> pd.DataFrame:
@@ -77,7 +88,7 @@ def small_table(L=2, H=2, T=12, n=3) -> pd.DataFrame:
         plots.support_vs_seq_len,
         lambda df: plots.support_hist_by_head(df, (4, 10)),
         plots.entropy_heatmap,
-        plots.head_diversity,
+        lambda df: plots.head_diversity(np.full((2, 2, 12, 12), 1 / 12)),
         lambda df: plots.mean_patterns(np.full((2, 2, 12, 12), 1 / 12)),
     ],
 )

@@ -206,35 +206,25 @@ def entropy_heatmap(df: pd.DataFrame) -> Figure:
     return fig
 
 
-def emd_1d(a: np.ndarray, b: np.ndarray) -> float:
-    """Earth mover's (Wasserstein-1) distance between two 1-D samples: the integral of |F_a(x) - F_b(x)| dx."""
-    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
-    values = np.sort(np.concatenate([a, b]))  # where either CDF steps
-    widths = np.diff(values)  # (n - 1,)
-    cdf_a = np.searchsorted(a, values[:-1], side="right") / len(a)  # F_a on each interval
-    cdf_b = np.searchsorted(b, values[:-1], side="right") / len(b)
-    return float(np.sum(np.abs(cdf_a - cdf_b) * widths))
+def offset_distributions(patterns: np.ndarray) -> np.ndarray:
+    """Each head's attention as one distribution over key offsets (tokens back): the mean of its query rows, each
+    row a distribution over offsets 0..position (NaN past it counts 0). (L, H, T, T offset) -> (L, H, T)."""
+    return np.nan_to_num(patterns.astype(np.float64), nan=0.0).mean(axis=-2)  # (L, H, T), each sums to 1
 
 
-def pairwise_emd(samples: list[np.ndarray]) -> np.ndarray:
-    """(n, n) symmetric matrix of emd_1d between every pair of samples."""
-    n = len(samples)
-    out = np.zeros((n, n))
-    for i in range(n):
-        for j in range(i + 1, n):
-            out[i, j] = out[j, i] = emd_1d(samples[i], samples[j])
-    return out
+def pairwise_offset_emd(distributions: np.ndarray) -> np.ndarray:
+    """Earth mover's (Wasserstein-1) distance in tokens between every pair of distributions over the key offsets
+    0..T-1, (n, T) -> (n, n): on a grid of unit steps it is the sum over offsets of |F_a - F_b|, F the CDF."""
+    cdf = np.cumsum(distributions, axis=-1)  # (n, T)
+    return np.abs(cdf[:, None, :] - cdf[None, :, :]).sum(-1)  # (n, n)
 
 
-def head_diversity(df: pd.DataFrame) -> Figure:
-    """attn_head_diversity.png: pairwise earth mover's distance between heads' support distributions."""
-    L, H, _ = shape_of(df)
-    groups = df.groupby(["layer", "head"])["support"]
-    labels, samples = [], []
-    for (layer, head), values in groups:
-        labels.append(f"L{layer}H{head}")
-        samples.append(values.to_numpy())
-    distance = pairwise_emd(samples)
+def head_diversity(patterns: np.ndarray) -> Figure:
+    """attn_head_diversity.png: the study's measure, the earth mover's distance between heads' attention
+    distributions over key offsets (offset_distributions of the mean patterns, train and val pooled)."""
+    L, H, T, _ = patterns.shape
+    labels = [f"L{layer}H{head}" for layer in range(L) for head in range(H)]
+    distance = pairwise_offset_emd(offset_distributions(patterns).reshape(L * H, T))  # (L H, L H)
     with sns.axes_style("white"):
         size = 3 + 0.5 * len(labels)
         fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=DPI)
@@ -246,10 +236,11 @@ def head_diversity(df: pd.DataFrame) -> Figure:
             annot=len(labels) <= 16,
             fmt=".1f",
             annot_kws={"fontsize": 7},
-            cbar_kws={"label": "earth mover's distance (tokens of support)"},
+            cbar_kws={"label": "earth mover's distance (tokens of key offset)"},
         )
         ax.set(xlabel="head (L = layer, H = head)", ylabel="head (L = layer, H = head)")
-        ax.set_title("How differently heads spread attention: distance between support distributions")
+        ax.set_title("How differently heads spread attention: distance between their distributions over key "
+                     f"offsets\n(mean over query positions 0 to {T - 1}, train and val examples pooled)")
         fig.tight_layout()
     return fig
 
@@ -278,8 +269,8 @@ def mean_patterns(patterns: np.ndarray) -> Figure:
                     ax.set_ylabel("query position")
         fig.colorbar(image, ax=axes, shrink=0.6, label="mean attention weight (log scale)")
         fig.suptitle(
-            "Mean attention pattern: bright columns at small offsets = local / previous-token head, "
-            "bright diagonal = attends to the first token"
+            "Mean attention pattern over the train and val examples pooled: bright columns at small offsets = "
+            "local / previous-token head, bright diagonal = attends to the first token"
         )
     return fig
 

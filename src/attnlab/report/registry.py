@@ -94,12 +94,14 @@ FIGURES: tuple[Figure, ...] = (
     ),
     _attention(
         "attn_head_diversity.png",
-        "Earth mover's distance between heads' support distributions: bright off-diagonal blocks are heads "
-        "that behave very differently.",
+        "Earth mover's distance (in tokens) between heads' attention distributions over key offsets, each the "
+        "mean over query positions, train and val examples pooled: bright off-diagonal cells are heads that look "
+        "at very different distances.",
+        reads="mean_patterns", stage="figure_head_diversity",
     ),
     _attention(
         "attn_mean_patterns.png",
-        "Mean attention by query position and key offset: a bright column at offset 1 is a previous-token head, "
+        "Mean attention by query position and key offset, train and val examples pooled: a bright column at offset 1 is a previous-token head, "
         "a bright diagonal attends to the first token.",
         reads="mean_patterns", stage="figure_mean_patterns",
     ),
