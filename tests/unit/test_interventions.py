@@ -368,8 +368,10 @@ def test_sweep_rows_table_and_metrics_layout(model, idx):
     assert list(metrics["temperature"]) == ["0.5", "1.0"] and list(metrics["top_k"]) == ["1", "4"]
     assert list(metrics["mean_ablate"]) == [f"L{layer}H{head}" for layer in range(2) for head in range(4)]
     ablate = metrics["mean_ablate"]["L1H2"]
-    assert set(ablate) == {"loss", "delta"}
+    assert set(ablate) == {"loss", "delta", "delta_ci95"}
     assert ablate["delta"] == pytest.approx(ablate["loss"] - metrics["baseline"]["loss"])
+    low, high = ablate["delta_ci95"]
+    assert low <= high and table.loc[0, "delta_low"] == table.loc[0, "delta_high"] == 0.0  # baseline vs itself
     assert metrics["temperature"]["1.0"]["loss"] == pytest.approx(metrics["baseline"]["loss"], abs=1e-6)
     assert table["layer"].isna().sum() == 2 + 2 + 2  # baseline, uniform_all and the sweeps are all layers
 
@@ -399,3 +401,32 @@ def test_stacked_parts_under_autograd_are_each_part_alone(model, idx):
         with torch.no_grad(), explicit_attention(model), intervene(model, edits):
             torch.testing.assert_close(stacked[r * B : (r + 1) * B].detach(), model(idx), atol=0, rtol=0)
     model.zero_grad()
+
+
+def test_the_bootstrap_interval_is_the_loop_of_resampled_means_and_brackets_the_mean():
+    from attnlab.analysis.intervention_sweep import bootstrap_interval
+
+    values = np.random.default_rng(4).normal(0.1, 0.05, size=40)
+    low, high = bootstrap_interval(values, seed=7, resamples=500)
+    rng = np.random.default_rng(7)
+    picks = rng.integers(0, 40, size=(500, 40))
+    means = sorted(sum(values[i] for i in row) / 40 for row in picks)  # one resample at a time
+    assert low == pytest.approx(np.quantile(means, 0.025)) and high == pytest.approx(np.quantile(means, 0.975))
+    assert low < values.mean() < high
+    # about 1.96 standard errors either side for a sample this close to normal
+    half = 1.96 * values.std(ddof=1) / np.sqrt(40)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.2)
+    assert bootstrap_interval(np.full(10, 0.3), seed=0) == pytest.approx((0.3, 0.3))  # no spread, no width
+
+
+def test_scores_carry_each_windows_mean_loss_in_batch_order(model):
+    from attnlab.model.scoring import score_batches, token_losses
+
+    tokens = torch.from_numpy(np.random.default_rng(5).integers(0, VOCAB, size=(5, T + 1)))
+    batches = [(tokens[:3, :-1], tokens[:3, 1:]), (tokens[3:, :-1], tokens[3:, 1:])]
+    score = score_batches(model, batches)
+    with torch.no_grad():
+        want = [token_losses(model, x[None], y[None]).double().mean().item()
+                for x, y in zip(tokens[:, :-1], tokens[:, 1:])]
+    assert score.window_loss == pytest.approx(want, rel=1e-6)
+    assert np.mean(score.window_loss) == pytest.approx(score.loss, rel=1e-9)  # equal windows: the mean of means

@@ -92,9 +92,27 @@ def sample_variants(n_layers: int, n_heads: int) -> list[tuple[str, tuple[str, s
     ]
 
 
-def results_table(rows: list[Row], results: list[InterventionScore]) -> pd.DataFrame:
-    """One line per row: kind, setting, layer, head, loss, ppl, mean_entropy_bits, delta (loss - baseline)."""
-    baseline = next(res.loss for row, res in zip(rows, results) if row.kind == "baseline")
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(values: np.ndarray, seed: int, level: float = 0.95,
+                       resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `values` (n,): `resamples` means of n values drawn with
+    replacement, seeded, and their (1 - level) / 2 and (1 + level) / 2 quantiles."""
+    values = np.asarray(values, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))  # (R, n)
+    means = values[picks].mean(axis=1)  # (R,)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def results_table(rows: list[Row], results: list[InterventionScore], seed: int = 0) -> pd.DataFrame:
+    """One line per row: kind, setting, layer, head, loss, ppl, mean_entropy_bits, delta (loss - baseline), and
+    delta_low, delta_high: the 95% bootstrap interval of delta over the validation windows, each window's change
+    against the unchanged model on the same window (the same resampled windows for every row: seeded)."""
+    baseline_result = next(res for row, res in zip(rows, results) if row.kind == "baseline")
+    baseline, baseline_windows = baseline_result.loss, np.asarray(baseline_result.window_loss)
+    intervals = [bootstrap_interval(np.asarray(res.window_loss) - baseline_windows, seed) for res in results]
     return pd.DataFrame(
         {
             "kind": [row.kind for row in rows],
@@ -105,6 +123,8 @@ def results_table(rows: list[Row], results: list[InterventionScore]) -> pd.DataF
             "ppl": [res.ppl for res in results],
             "mean_entropy_bits": [res.mean_entropy_bits for res in results],
             "delta": [res.loss - baseline for res in results],
+            "delta_low": [low for low, _ in intervals],
+            "delta_high": [high for _, high in intervals],
         }
     )
 
@@ -120,7 +140,8 @@ def metrics_from_table(table: pd.DataFrame) -> dict:
         if row.kind in ("baseline", "uniform_all"):
             metrics[row.kind] = summary(row)
         elif row.kind == "mean_ablate":
-            metrics["mean_ablate"][row.setting] = {"loss": float(row.loss), "delta": float(row.delta)}
+            metrics["mean_ablate"][row.setting] = {"loss": float(row.loss), "delta": float(row.delta),
+                                                   "delta_ci95": [round(row.delta_low, 6), round(row.delta_high, 6)]}
         else:
             metrics[row.kind][row.setting] = summary(row)
     order = ("baseline", "uniform_all", "uniform_layer", "temperature", "top_k", "mean_ablate")
@@ -184,7 +205,7 @@ def run_interventions(
     means = mean_head_outputs(model, mean_batches)  # (L, H, Dh), from the train split only
     rows = sweep_rows(model.cfg.n_layers, model.cfg.n_heads, cfg.temperatures, cfg.top_k, means)
     results = sweep(model, val_batches, rows, cfg.points_per_pass)
-    table = results_table(rows, results)
+    table = results_table(rows, results, params.analysis.seed)
     return InterventionRun(
         table=table,
         metrics=with_token_counts(metrics_from_table(table), results[0].n_tokens,

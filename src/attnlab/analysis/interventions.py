@@ -221,6 +221,7 @@ class InterventionScore:
     mean_entropy_bits: float  # mean over layers, heads, examples and query positions of the attention entropy
     n_tokens: int
     position_loss: tuple[float, ...] = ()  # mean loss at each position of the batches' windows (Score's)
+    window_loss: tuple[float, ...] = ()  # mean loss of each window, in batch order (Score's)
 
     @property
     def ppl(self) -> float:
@@ -257,7 +258,8 @@ def score_intervened_together(
             hooks(lambda: [layer.hook_pattern.register_forward_hook(add_entropy) for layer in layers]):
         scores = score_parts(model, stacked, n)
     return [InterventionScore(loss=score.loss, mean_entropy_bits=(entropy_sums[r] / n_rows).item(),
-                              n_tokens=score.n_tokens, position_loss=score.position_loss)
+                              n_tokens=score.n_tokens, position_loss=score.position_loss,
+                              window_loss=score.window_loss)
             for r, score in enumerate(scores)]
 
 

@@ -36,6 +36,7 @@ class Score:
     n_tokens: int  # target tokens scored
     position_loss: tuple[float, ...] = ()  # mean loss at each position of the window (0 = first target)
     position_tokens: tuple[int, ...] = ()  # targets scored at each position
+    window_loss: tuple[float, ...] = ()  # mean loss of each window, in the order the batches gave them
 
 
 def iter_batches(tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int,
@@ -68,6 +69,7 @@ def score_parts(
     device = next(model.parameters()).device
     position_sum: torch.Tensor | None = None  # (parts, T) float64 loss summed over windows
     position_count: torch.Tensor | None = None  # (parts, T) windows that reach each position
+    window_means: list[torch.Tensor] = []  # (parts, b) float64 each: every window's mean loss
     bar = progress_bar(batches, desc="score", unit="batch", total=total, disable=not progress, leave=False)
     for inputs, targets in bar:
         losses = token_losses(model, inputs, targets).unflatten(0, (parts, -1))  # (parts, b, T)
@@ -77,19 +79,22 @@ def score_parts(
             position_count = torch.zeros(parts, T, dtype=torch.int64, device=device)
         position_sum += losses.double().sum(1)
         position_count += losses.shape[1]
+        window_means.append(losses.double().mean(-1))  # (parts, b)
         if after_forward is not None:
             after_forward()
     if position_sum is None:
         raise ValueError("score_batches: no tokens to score")
-    return [_score(position_sum[part], position_count[part]) for part in range(parts)]
+    windows_loss = torch.cat(window_means, dim=1)  # (parts, n windows)
+    return [_score(position_sum[part], position_count[part], windows_loss[part]) for part in range(parts)]
 
 
-def _score(position_sum: torch.Tensor, position_count: torch.Tensor) -> Score:
-    """A Score from the (T,) loss sums and window counts of each position."""
+def _score(position_sum: torch.Tensor, position_count: torch.Tensor, window_loss: torch.Tensor) -> Score:
+    """A Score from the (T,) loss sums and window counts of each position and the (n,) windows' mean losses."""
     n_tokens = int(position_count.sum().item())
     per_position = (position_sum / position_count.clamp(min=1)).tolist()
     return Score(loss=float(position_sum.sum().item() / n_tokens), n_tokens=n_tokens,
-                 position_loss=tuple(per_position), position_tokens=tuple(position_count.tolist()))
+                 position_loss=tuple(per_position), position_tokens=tuple(position_count.tolist()),
+                 window_loss=tuple(window_loss.tolist()))
 
 
 def token_losses(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

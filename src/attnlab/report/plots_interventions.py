@@ -90,22 +90,30 @@ def plot_top_k(table: pd.DataFrame, seq_len: int | None = None) -> Figure:
 
 
 def plot_head_importance(table: pd.DataFrame) -> Figure:
-    """Layer x head heatmap of the loss increase when mean-ablating that head alone, annotated."""
+    """Layer x head heatmap of the loss increase when mean-ablating that head alone, annotated with it and (where
+    the table has them) its 95% bootstrap interval over the validation windows."""
     rows = _rows(table, "mean_ablate")
     grid = rows.pivot(index="layer", columns="head", values="delta").sort_index().sort_index(axis=1)  # (L, H)
+    if {"delta_low", "delta_high"} <= set(rows.columns):
+        text = rows.assign(text=[f"{d:+.3g}\n[{lo:+.3g}, {hi:+.3g}]" for d, lo, hi in
+                                 zip(rows["delta"], rows["delta_low"], rows["delta_high"])])
+        annot = text.pivot(index="layer", columns="head", values="text").sort_index().sort_index(axis=1)
+        annot_args = {"annot": annot.to_numpy(), "fmt": "", "annot_kws": {"fontsize": 7}}
+    else:
+        annot_args = {"annot": True, "fmt": "+.3g"}  # 3 significant digits: tiny and large increases both readable
     with sns.axes_style("white"):
         n_layers, n_heads = grid.shape
-        fig, ax = plt.subplots(figsize=(1.3 * n_heads + 2.5, 0.9 * n_layers + 1.8))
+        fig, ax = plt.subplots(figsize=(1.6 * n_heads + 2.5, 0.9 * n_layers + 1.8))
         sns.heatmap(
             grid.astype(float),
-            annot=True,
-            fmt="+.3g",  # 3 significant digits: tiny and large increases both readable
+            **annot_args,
             cmap="vlag",
             center=0.0,
             cbar_kws={"label": "loss increase (nats/token)"},
             ax=ax,
         )
-        ax.set(xlabel="head", ylabel="layer", title="Head importance: loss increase when mean-ablated")
+        ax.set(xlabel="head", ylabel="layer",
+               title="Head importance: loss increase when mean-ablated\n[95% bootstrap interval over windows]")
         fig.tight_layout()
     return fig
 
