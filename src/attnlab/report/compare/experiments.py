@@ -21,7 +21,9 @@ from attnlab.report.compare.grid import Selection
 METRICS: dict[str, tuple[str, str]] = {
     "val_loss": ("reports/eval.json", "val_loss"),
     "val_bpb": ("reports/eval.json", "val_bpb"),
+    "val_loss_at_1x_seq_len": ("reports/eval.json", "val_loss_at_1x_seq_len"),  # the paired length test's 1x
     "val_loss_at_2x_seq_len": ("reports/eval.json", "val_loss_at_2x_seq_len"),  # absent for pe=learned
+    "val_loss_at_4x_seq_len": ("reports/eval.json", "val_loss_at_4x_seq_len"),
     "n_params": ("reports/eval.json", "n_params"),
     "tokens_per_sec": ("reports/train.json", "tokens_per_sec"),
     "mean_entropy_bits": ("reports/attention.json", "val.mean_entropy_bits"),

@@ -35,6 +35,18 @@ def mean_std_text(values: list[float], digits: int = 3) -> str:
     return format_mean_std(*mean_std(values), digits)
 
 
+def interval_text(mean: float, half: float, signed: bool = False) -> str:
+    """`mean ± half` rounded to what the interval supports: the half-width's first significant digit sets the
+    decimals (± 0.013 -> 2, ± 0.004 -> 3; at most 4); the mean alone, to 4 decimals, without a half-width."""
+    if math.isnan(mean):
+        return "\u2014"
+    sign = "+" if signed else ""
+    if math.isnan(half):
+        return f"{mean:{sign}.4f}"
+    digits = 4 if half <= 0 else min(4, max(0, -math.floor(math.log10(half))))
+    return f"{mean:{sign}.{digits}f} \u00b1 {half:.{digits}f}"
+
+
 def metric_text(mean: float, column: str, std: float = math.nan) -> str:
     """A metric (or its mean ± std) for the page: 4 decimals, or whole numbers for counts and values >= 1000."""
     whole = column in COUNTS or abs(mean) >= 1000

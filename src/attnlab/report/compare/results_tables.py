@@ -6,17 +6,22 @@ Which experiments: the same selection as `make compare` (python -m attnlab.repor
 grids and profile passed the same way (-S for the profile, one --grid per queued grid). Tables:
 
 1. one row per variant (PE grid + non-linear Q/K/V grid): mean ± std over seeds of val loss, bits per byte,
-   loss at 2x the trained length, mean attention entropy and training tokens/s (render.markdown_table);
+   loss at 2x the trained length, mean attention entropy and training tokens/s (render.markdown_table); then
+   the same variants with their parameter counts, 95% intervals over seeds and the paired differences: each
+   variant against rope on the same seeds, and each run's loss at 2x and 4x context against its 1x on the same
+   targets (variants_table);
 2. fp32 against bf16 autocast for the default variant, per seed, when a --grid with train.precision=bf16 ran;
 3. the interventions on the default variant (its seeds): the loss under uniform attention, hard top-k,
    temperature, and its change against the unchanged model;
-4. head importance: the loss increase when each head is mean-ablated, per head, mean ± std over seeds;
+4. head importance: the loss increase when each head is mean-ablated, per layer over seeds, and per seed the
+   most and the least important head of each layer with their 95% bootstrap intervals over windows;
 5. attention across training: mean normalized support at the first and the last snapshot, per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 
@@ -25,10 +30,10 @@ import pandas as pd
 from attnlab.core.cli import run_cli
 from attnlab.core.io import write_text
 from attnlab.report.compare.cli import add_selection_arguments, selection_of
-from attnlab.report.compare.experiments import load_experiments, metric, read_rows
+from attnlab.report.compare.experiments import SEED, load_experiments, metric, metric_value, read_rows
 from attnlab.report.compare.grid import Selection
-from attnlab.report.compare.render import markdown_table, mean_std_text
-from attnlab.report.compare.stats import summarize
+from attnlab.report.compare.render import interval_text, markdown_table, mean_std_text, variant_name
+from attnlab.report.compare.stats import interval95, summarize
 
 INTERVENTIONS = "reports/interventions.json"
 DYNAMICS = "reports/attention_dynamics.json"
@@ -62,14 +67,56 @@ def default_runs(experiments: pd.DataFrame, raw: dict[str, dict], precision: str
     return [raw[rev] for rev in chosen.sort_values("params.seed")["rev"]]
 
 
+def per_seed(experiments: pd.DataFrame, column: str) -> dict[str, dict[int, float]]:
+    """{variant name: {seed: the column's value}} of the successful experiments."""
+    out: dict[str, dict[int, float]] = {}
+    for _, row in experiments[experiments["state"] == "success"].iterrows():
+        row = pd.concat([row, pd.Series({"variant": "all"})]) if "variant" not in row else row
+        out.setdefault(variant_name(row), {})[int(float(row[f"params.{SEED}"]))] = float(row[column])
+    return out
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """a - b on the seeds both have (the same init seed, batch order and validation windows)."""
+    return [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
+
+
+def variants_table(experiments: pd.DataFrame, reference: str = "rope") -> str:
+    """Per variant: parameters, seeds, val_loss with its 95% interval, the paired difference against `reference`
+    and the paired length test (2x - 1x, 4x - 1x on each run's own shared targets), entropy, tokens/s."""
+    columns = {c: per_seed(experiments, c) for c in ("val_loss", "val_loss_at_1x_seq_len", "val_loss_at_2x_seq_len",
+                                                    "val_loss_at_4x_seq_len", "mean_entropy_bits",
+                                                    "tokens_per_sec", "n_params")}
+    loss = columns["val_loss"]
+    rows = []
+    for name in sorted(loss, key=lambda n: interval95(loss[n].values())[0]):
+        diffs = {m: paired(columns[f"val_loss_at_{m}x_seq_len"][name], columns["val_loss_at_1x_seq_len"][name])
+                 for m in (2, 4)}
+        params = {int(v) for v in columns["n_params"][name].values() if v == v}
+        rows.append([
+            name, ", ".join(f"{p:,}" for p in sorted(params)) or "\u2014", str(len(loss[name])),
+            interval_text(*interval95(loss[name].values())),
+            "" if name == reference else interval_text(*interval95(paired(loss[name], loss.get(reference, {}))),
+                                                       signed=True),
+            *(interval_text(*interval95(diffs[m]), signed=True) for m in (2, 4)),
+            interval_text(*interval95(columns["mean_entropy_bits"][name].values())),
+            f"{interval95(columns['tokens_per_sec'][name].values())[0]:,.0f}",
+        ])
+    head = ["variant", "parameters", "seeds", "val_loss (95% interval)", f"minus {reference}, paired by seed",
+            "2x minus 1x context (paired)", "4x minus 1x context (paired)", "mean entropy (bits)", "tokens/s"]
+    return table(head, rows)
+
+
 def interventions_table(runs: list[dict]) -> str:
     base = [metric(r, INTERVENTIONS, "baseline.loss") for r in runs]
     rows = []
     for label, key in ROWS:
         losses = [metric(r, INTERVENTIONS, key) for r in runs]
         deltas = [loss - b for loss, b in zip(losses, base)]
-        rows.append([label, mean_std_text(losses), "" if key == "baseline.loss" else mean_std_text(deltas)])
-    return table(["intervention (every head unless said)", "val loss (nats)", "change"], rows)
+        rows.append([label, interval_text(*interval95(losses)),
+                     "" if key == "baseline.loss" else interval_text(*interval95(deltas), signed=True)])
+    return table(["intervention (every head unless said)", "val loss (nats, 95% interval over seeds)",
+                  "change against the unchanged model (95% interval over seeds)"], rows)
 
 
 def head_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
@@ -82,6 +129,27 @@ def head_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
         rows.append([f"layer {layer}", mean_std_text([statistics.mean(d) for d in per_run]),
                      mean_std_text([max(d) for d in per_run]), mean_std_text([min(d) for d in per_run])])
     return table(["", "mean over its heads", "most important head", "least important head"], rows)
+
+
+def head_intervals_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
+    """Per seed and layer: the most and the least important head (mean-ablation delta) with their 95% bootstrap
+    intervals over the validation windows, and whether those intervals are apart (the two heads differ by more
+    than the window-to-window noise of that run)."""
+    rows = []
+    for seed, r in enumerate(runs, start=1):
+        for layer in range(n_layers):
+            heads = []
+            for head in range(n_heads):
+                key = f"mean_ablate.L{layer}H{head}"
+                ci = metric_value(r, INTERVENTIONS, f"{key}.delta_ci95")
+                heads.append((metric(r, INTERVENTIONS, f"{key}.delta"), head,
+                              tuple(ci) if isinstance(ci, (list, tuple)) else (math.nan, math.nan)))
+            (top, top_head, top_ci), (low, low_head, low_ci) = max(heads), min(heads)
+            apart = "yes" if low_ci[1] < top_ci[0] else ("no" if low_ci[1] == low_ci[1] else "\u2014")
+            rows.append([str(seed), f"layer {layer}", f"H{top_head} {top:+.3f} [{top_ci[0]:+.3f}, {top_ci[1]:+.3f}]",
+                         f"H{low_head} {low:+.3f} [{low_ci[0]:+.3f}, {low_ci[1]:+.3f}]", apart])
+    return table(["run", "layer", "most important head [95% interval]", "least important head [95% interval]",
+                  "intervals apart"], rows)
 
 
 def dynamics_table(runs: list[dict], n_layers: int) -> str:
@@ -118,9 +186,13 @@ def build(rows: list[dict], selection: Selection, bf16: bool) -> str:
     n_layers = int(float(experiments["params.model.n_layers"].iloc[0]))
     n_heads = int(float(experiments["params.model.n_heads"].iloc[0]))
     parts = [f"<!-- {sentence} -->\n", "### Variants\n", markdown_table(summary),
+             "\n### Variants: parameters, 95% intervals and paired differences\n",
+             variants_table(variants),
              f"\n### Interventions (rope, {len(runs)} seeds)\n", interventions_table(runs),
              f"\n### Head importance: val loss increase when the head is mean-ablated (rope, {len(runs)} seeds)\n",
              head_table(runs, n_layers, n_heads),
+             "\n### Head importance within each run: 95% bootstrap intervals over the validation windows\n",
+             head_intervals_table(runs, n_layers, n_heads),
              f"\n### Attention across training: mean normalized support (rope, {len(runs)} seeds)\n",
              dynamics_table(runs, n_layers)]
     if bf16:
