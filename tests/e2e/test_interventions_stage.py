@@ -92,7 +92,8 @@ def test_metrics_have_the_nested_layout(workdir, stage_run):
     assert list(metrics["top_k"]) == ["1", "2", "64"]
     assert all(set(v) == summary for key in ("uniform_layer", "temperature", "top_k") for v in metrics[key].values())
     assert list(metrics["mean_ablate"]) == [f"L{layer}H{head}" for layer in range(N_LAYERS) for head in range(N_HEADS)]
-    assert all(set(v) == {"loss", "delta"} for v in metrics["mean_ablate"].values())
+    assert all(set(v) == {"loss", "delta", "delta_ci95"} for v in metrics["mean_ablate"].values())
+    assert all(v["delta_ci95"][0] <= v["delta_ci95"][1] for v in metrics["mean_ablate"].values())
     assert stage_run.stdout.strip().splitlines()[-1].startswith("interventions: 18 rows x 240 val tokens")
 
 
@@ -174,7 +175,8 @@ def test_mean_ablation_uses_means_from_the_train_split(workdir, stage_run):
 
 def test_results_table_has_every_row(workdir, stage_run):
     table = pd.read_parquet(workdir / "data/interventions/results.parquet")
-    assert list(table.columns) == ["kind", "setting", "layer", "head", "loss", "ppl", "mean_entropy_bits", "delta"]
+    assert list(table.columns) == ["kind", "setting", "layer", "head", "loss", "ppl", "mean_entropy_bits", "delta",
+                                   "delta_low", "delta_high"]
     assert table["kind"].value_counts().to_dict() == {
         "baseline": 1, "uniform_all": 1, "uniform_layer": 2, "temperature": 3, "top_k": 3, "mean_ablate": 8,
     }  # fmt: skip
