@@ -92,8 +92,8 @@ def test_metrics_have_the_nested_layout(workdir, stage_run):
     assert list(metrics["top_k"]) == ["1", "2", "64"]
     assert all(set(v) == summary for key in ("uniform_layer", "temperature", "top_k") for v in metrics[key].values())
     assert list(metrics["mean_ablate"]) == [f"L{layer}H{head}" for layer in range(N_LAYERS) for head in range(N_HEADS)]
-    assert all(set(v) == {"loss", "delta", "delta_ci95"} for v in metrics["mean_ablate"].values())
-    assert all(v["delta_ci95"][0] <= v["delta_ci95"][1] for v in metrics["mean_ablate"].values())
+    assert all(set(v) == {"loss", "delta", "delta_low", "delta_high"} for v in metrics["mean_ablate"].values())
+    assert all(v["delta_low"] <= v["delta_high"] for v in metrics["mean_ablate"].values())
     assert stage_run.stdout.strip().splitlines()[-1].startswith("interventions: 18 rows x 240 val tokens")
 
 

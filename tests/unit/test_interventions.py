@@ -368,9 +368,9 @@ def test_sweep_rows_table_and_metrics_layout(model, idx):
     assert list(metrics["temperature"]) == ["0.5", "1.0"] and list(metrics["top_k"]) == ["1", "4"]
     assert list(metrics["mean_ablate"]) == [f"L{layer}H{head}" for layer in range(2) for head in range(4)]
     ablate = metrics["mean_ablate"]["L1H2"]
-    assert set(ablate) == {"loss", "delta", "delta_ci95"}
+    assert set(ablate) == {"loss", "delta", "delta_low", "delta_high"}
     assert ablate["delta"] == pytest.approx(ablate["loss"] - metrics["baseline"]["loss"])
-    low, high = ablate["delta_ci95"]
+    low, high = ablate["delta_low"], ablate["delta_high"]
     assert low <= high and table.loc[0, "delta_low"] == table.loc[0, "delta_high"] == 0.0  # baseline vs itself
     assert metrics["temperature"]["1.0"]["loss"] == pytest.approx(metrics["baseline"]["loss"], abs=1e-6)
     assert table["layer"].isna().sum() == 2 + 2 + 2  # baseline, uniform_all and the sweeps are all layers

@@ -103,10 +103,11 @@ def test_head_intervals_say_whether_the_top_and_bottom_heads_are_apart():
     for layer in range(2):
         for head in range(2):
             delta = r[f"mean_ablate.L{layer}H{head}.delta"]
-            r[f"mean_ablate.L{layer}H{head}.delta_ci95"] = [delta - 0.002, delta + 0.002]
+            r[f"mean_ablate.L{layer}H{head}.delta_low"] = delta - 0.002
+            r[f"mean_ablate.L{layer}H{head}.delta_high"] = delta + 0.002
     lines = head_intervals_table([r], n_layers=2, n_heads=2).splitlines()
     assert lines[2] == "| 1 | layer 0 | H1 +0.110 [+0.108, +0.112] | H0 +0.100 [+0.098, +0.102] | yes |"
-    r["mean_ablate.L0H1.delta_ci95"] = [0.09, 0.13]  # wide: overlaps head 0's
+    r["mean_ablate.L0H1.delta_low"], r["mean_ablate.L0H1.delta_high"] = 0.09, 0.13  # wide: overlaps head 0's
     assert head_intervals_table([r], 2, 2).splitlines()[2].endswith("| no |")
 
 

@@ -140,8 +140,10 @@ def metrics_from_table(table: pd.DataFrame) -> dict:
         if row.kind in ("baseline", "uniform_all"):
             metrics[row.kind] = summary(row)
         elif row.kind == "mean_ablate":
+            # the interval's ends as two numbers: `dvc exp show` and `dvc metrics diff` drop lists
             metrics["mean_ablate"][row.setting] = {"loss": float(row.loss), "delta": float(row.delta),
-                                                   "delta_ci95": [round(row.delta_low, 6), round(row.delta_high, 6)]}
+                                                   "delta_low": float(row.delta_low),
+                                                   "delta_high": float(row.delta_high)}
         else:
             metrics[row.kind][row.setting] = summary(row)
     order = ("baseline", "uniform_all", "uniform_layer", "temperature", "top_k", "mean_ablate")

@@ -30,7 +30,7 @@ import pandas as pd
 from attnlab.core.cli import run_cli
 from attnlab.core.io import write_text
 from attnlab.report.compare.cli import add_selection_arguments, selection_of
-from attnlab.report.compare.experiments import SEED, load_experiments, metric, metric_value, read_rows
+from attnlab.report.compare.experiments import SEED, load_experiments, metric, read_rows
 from attnlab.report.compare.grid import Selection
 from attnlab.report.compare.render import interval_text, markdown_table, mean_std_text, variant_name
 from attnlab.report.compare.stats import interval95, summarize
@@ -141,9 +141,8 @@ def head_intervals_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
             heads = []
             for head in range(n_heads):
                 key = f"mean_ablate.L{layer}H{head}"
-                ci = metric_value(r, INTERVENTIONS, f"{key}.delta_ci95")
-                heads.append((metric(r, INTERVENTIONS, f"{key}.delta"), head,
-                              tuple(ci) if isinstance(ci, (list, tuple)) else (math.nan, math.nan)))
+                ci = (metric(r, INTERVENTIONS, f"{key}.delta_low"), metric(r, INTERVENTIONS, f"{key}.delta_high"))
+                heads.append((metric(r, INTERVENTIONS, f"{key}.delta"), head, ci))
             (top, top_head, top_ci), (low, low_head, low_ci) = max(heads), min(heads)
             apart = "yes" if low_ci[1] < top_ci[0] else ("no" if low_ci[1] == low_ci[1] else "\u2014")
             rows.append([str(seed), f"layer {layer}", f"H{top_head} {top:+.3f} [{top_ci[0]:+.3f}, {top_ci[1]:+.3f}]",
