@@ -27,7 +27,7 @@ from attnlab.core.cli import run_cli
 from attnlab.core.io import write_json
 from attnlab.core.params import Params, load_params
 from attnlab.model.checkpoint import load_model
-from attnlab.model.scoring import score_windows, unigram_loss, window_targets
+from attnlab.model.scoring import Score, score_windows, unigram_loss, window_targets
 from attnlab.core.errors import ConfigError
 from attnlab.core.progress import progress_bar
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
@@ -71,10 +71,7 @@ def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool 
         metrics, model = train_stage(params, tokens, on_log=timer)
     speeds = timer.tok_s()
 
-    starts = eval_starts(len(val_tokens), m.seq_len, params.eval.max_tokens)
-    ours, theirs = (score_windows(net.to(device), val_tokens, starts, m.seq_len, params.eval.batch_size)
-                    for net in (model, reference.model))  # fp32, one device
-    unigram = unigram_loss(train_tokens, window_targets(val_tokens, starts, m.seq_len), vocab)
+    ours, theirs, unigram = score_both(model.to(device), reference.model, train_tokens, val_tokens, params, vocab)
     return {
         "quality_shape": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, "
                          f"seq {m.seq_len}, vocab {vocab}, {budget.total_tokens:,} tokens, seed {params.seed}",
@@ -89,6 +86,17 @@ def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool 
         "train_loop_steps_timed": sum(w["steps"] for w in timer.windows),
         **loop_speed_keys(speeds, metrics["precision"]),
     }
+
+
+def score_both(model, reference, train_tokens, val_tokens, params: Params, vocab: int) -> tuple[Score, Score, float]:
+    """attnlab's model and the reference scored (fp32, the reference moved to the model's device) on exactly the
+    windows `evaluate` scores at the model's seq_len, and the unigram loss of those targets."""
+    seq_len = model.cfg.seq_len
+    starts = eval_starts(len(val_tokens), seq_len, params.eval.max_tokens)
+    device = next(model.parameters()).device
+    ours, theirs = (score_windows(net.to(device), val_tokens, starts, seq_len, params.eval.batch_size)
+                    for net in (model, reference))
+    return ours, theirs, unigram_loss(train_tokens, window_targets(val_tokens, starts, seq_len), vocab)
 
 
 def reference_against_model(params: Params, tokens: str | Path, model_path: str | Path, precision: str) -> dict:
@@ -113,10 +121,7 @@ def reference_against_model(params: Params, tokens: str | Path, model_path: str 
     for i in progress_bar(range(budget.steps), desc="reference", unit="step"):
         reference.step(i)
     seconds = time.perf_counter() - start
-    starts = eval_starts(len(val_tokens), m.seq_len, params.eval.max_tokens)
-    ours, theirs = (score_windows(net, val_tokens, starts, m.seq_len, params.eval.batch_size, progress=True)
-                    for net in (model, reference.model))
-    unigram = unigram_loss(train_tokens, window_targets(val_tokens, starts, m.seq_len), vocab)
+    ours, theirs, unigram = score_both(model, reference.model, train_tokens, val_tokens, params, vocab)
     return {
         "shape": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, seq {m.seq_len}, "
                  f"vocab {vocab}, {budget.total_tokens:,} tokens, batch {params.train.batch_size}, seed {params.seed}",
