@@ -118,7 +118,7 @@ def variant_name(row: pd.Series) -> str:
     heads = row.get("params.model.qkv_nonlinear_heads", "[]")
     if heads not in ("[]", "", "\u2014", None):
         return f"nonlinear_qkv {heads}"
-    return str(row.get("params.model.pe", row["variant"]))
+    return str(row.get("params.model.pe", row.get("variant")))
 
 
 def markdown_table(summary: pd.DataFrame) -> str:

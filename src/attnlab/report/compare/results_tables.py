@@ -71,7 +71,6 @@ def per_seed(experiments: pd.DataFrame, column: str) -> dict[str, dict[int, floa
     """{variant name: {seed: the column's value}} of the successful experiments."""
     out: dict[str, dict[int, float]] = {}
     for _, row in experiments[experiments["state"] == "success"].iterrows():
-        row = pd.concat([row, pd.Series({"variant": "all"})]) if "variant" not in row else row
         out.setdefault(variant_name(row), {})[int(float(row[f"params.{SEED}"]))] = float(row[column])
     return out
 
@@ -144,7 +143,8 @@ def head_intervals_table(runs: list[dict], n_layers: int, n_heads: int) -> str:
                 ci = (metric(r, INTERVENTIONS, f"{key}.delta_low"), metric(r, INTERVENTIONS, f"{key}.delta_high"))
                 heads.append((metric(r, INTERVENTIONS, f"{key}.delta"), head, ci))
             (top, top_head, top_ci), (low, low_head, low_ci) = max(heads), min(heads)
-            apart = "yes" if low_ci[1] < top_ci[0] else ("no" if low_ci[1] == low_ci[1] else "\u2014")
+            known = not any(map(math.isnan, (*top_ci, *low_ci)))
+            apart = ("yes" if low_ci[1] < top_ci[0] else "no") if known else "\u2014"
             rows.append([str(seed), f"layer {layer}", f"H{top_head} {top:+.3f} [{top_ci[0]:+.3f}, {top_ci[1]:+.3f}]",
                          f"H{low_head} {low:+.3f} [{low_ci[0]:+.3f}, {low_ci[1]:+.3f}]", apart])
     return table(["run", "layer", "most important head [95% interval]", "least important head [95% interval]",
