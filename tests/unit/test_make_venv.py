@@ -31,13 +31,18 @@ def project(tmp_path) -> Path:
     return tmp_path
 
 
+# What a calling make hands down: its flags, and the Makefile's own variables set on its command line.
+MAKE_STATE = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "EXTRAS", "TORCH", "PYTHON", "VENV")
+
+
 def make(project: Path, *args: str) -> list[str]:
     """Run make in the copy; the fake python's calls it made."""
     log = project / ".venv" / "calls.log"
     log.unlink(missing_ok=True)
-    # A make that runs this test (`make test EXTRAS=dev,lens`) passes its command-line variables down through
-    # MAKEFLAGS; the copy must see only the arguments given here.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+    # A make that runs this test (`make test EXTRAS=dev,lens`) passes its command-line variables down, both
+    # through MAKEFLAGS and as environment variables (which `EXTRAS ?= dev` reads); the copy must see only the
+    # arguments given here.
+    env = {k: v for k, v in os.environ.items() if k not in MAKE_STATE}
     proc = subprocess.run(["make", *args], cwd=project, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return log.read_text().splitlines() if log.exists() else []
