@@ -7,21 +7,21 @@ CPU, the params' model on CUDA, or the shape flags) on the token files (syntheti
 the things compared alternating (common.side_by_side):
 
 - train_fp32 / train_bf16: the train stage's step (loop.train_step) on attnlab's model and on
-  torch.nn.TransformerEncoder (benchmarks/reference.py); train_loop: the stage's whole loop against its step;
+  torch.nn.TransformerEncoder (benchmarks/reference.py);
 - study_loop: at the study's shape (STUDY_SHAPE, 4 x 4 x 512 at d_model 128), the stage's loop against its step
   and the reference GPT's loop, each at its best precision here (as the quality section does at the quick shape);
 - attention_paths: SDPA forward against the explicit (capturable) one; attention_analysis: bench_attention.py;
 - mfu: achieved FLOP/s (flops_per_token) over the matmul peak measured here, or a known GPU's bf16 peak;
-- bf16_loss: the stage's steps in fp32 and bf16 from one init on the same batches, another seed's as noise;
 - quality (bench_quality.py, where token files exist): at the shape of --params and --set (`make bench`: the
-  quick profile).
+  quick profile), with the stage's whole loop against its step and the reference GPT's loop.
+
+bf16 against fp32 in quality is `make precision-seeds`' (benchmarks/precision_seeds.py): whole runs, paired seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import tempfile
 import time
@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from attnlab.analysis.capture import explicit_attention
@@ -49,7 +48,6 @@ from benchmarks.reference import ReferenceShape, TorchEncoderLM
 
 CPU_SHAPE = dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq_len=256)  # small enough for 2 cores
 CPU_BATCH = 8
-LOOP_STEPS, LOOP_LOG_EVERY = 20, 5  # train_loop: steps of the stage's loop, timed in windows of this many
 # study_loop: the study's shape (one trial of shared/README.md: d_model 128, d_ff 512, 4 x 4 x 512, vocab 8,192,
 # batch 32), its loop against its step and the reference, in windows of STUDY_LOG_EVERY of STUDY_STEPS steps
 STUDY_SHAPE = dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, seq_len=512, batch_size=32, vocab_size=8192)
@@ -62,7 +60,7 @@ class BenchSetup:
     tokens: Path
     token_source: str
     folder: Path  # temporary: the outputs of each stage set-up
-    args: argparse.Namespace  # steps, reps, warmup, loss_steps, mm_size, mm_seconds, tokens
+    args: argparse.Namespace  # steps, reps, warmup, mm_size, mm_seconds, tokens
     quality_params: Params  # --params with the --set overrides
     bf16: bool  # run the bf16 sections (off where bf16 is emulated: hours instead of seconds)
     study_shape: dict  # study_loop's shape: STUDY_SHAPE with --study-shape
@@ -75,14 +73,10 @@ class BenchSetup:
     def tokens_per_step(self) -> int:
         return self.params.train.batch_size * self.params.model.seq_len
 
-    def run_params(self, precision: str = "fp32", seed: int | None = None, steps: int = 1000, **train) -> Params:
-        """The params of a stage run of `steps` steps at the bench shape (eager, one validation window)."""
-        train = dataclasses.replace(self.params.train, precision=precision, max_tokens=steps * self.tokens_per_step,
-                                    **train)
-        return dataclasses.replace(self.params, seed=self.params.seed if seed is None else seed, train=train)
-
-    def step(self, name: str, precision: str = "fp32", model: torch.nn.Module | None = None, **run) -> Step:
-        return stage_step(self.run_params(precision, **run), self.tokens, self.folder / name, model)
+    def step(self, name: str, precision: str, model: torch.nn.Module | None = None) -> Step:
+        """The stage's step at the bench shape (eager, a 1000-step schedule), on `model` if given."""
+        train = dataclasses.replace(self.params.train, precision=precision, max_tokens=1000 * self.tokens_per_step)
+        return stage_step(dataclasses.replace(self.params, train=train), self.tokens, self.folder / name, model)
 
     def compare(self, runs: dict[str, Step]) -> dict[str, float]:
         a = self.args
@@ -92,38 +86,26 @@ class BenchSetup:
 Section = Callable[[BenchSetup, dict], dict]
 
 
-def training_throughput(setup: BenchSetup, precision: str) -> tuple[float, float]:
-    """Tokens/s of the stage's step on attnlab's model and on the torch encoder, alternating."""
+def training_throughput(setup: BenchSetup, precision: str) -> dict:
+    """Tokens/s of the stage's step on attnlab's model and on the torch encoder, alternating; keys end in _bf16
+    for bf16."""
     torch.manual_seed(setup.params.seed)
     encoder = TorchEncoderLM(setup.params.model, setup.params.tokenizer.vocab_size)
-    runs = {"attnlab": setup.step(f"attnlab_{precision}", precision),
-            "torch": setup.step(f"torch_{precision}", precision, model=encoder)}
-    tok_s = setup.compare(runs)
-    return tok_s["attnlab"], tok_s["torch"]
+    tok_s = setup.compare({"attnlab": setup.step(f"attnlab_{precision}", precision),
+                           "torch": setup.step(f"torch_{precision}", precision, model=encoder)})
+    suffix = "_bf16" if precision == "bf16" else ""
+    return {f"train_tok_s{suffix}": tok_s["attnlab"], f"torch_encoder_tok_s{suffix}": tok_s["torch"],
+            f"train_vs_torch_encoder{suffix}": tok_s["attnlab"] / tok_s["torch"]}
 
 
 def train_fp32(setup: BenchSetup, results: dict) -> dict:
-    ours, ref = training_throughput(setup, "fp32")
-    return {"train_tok_s": ours, "torch_encoder_tok_s": ref, "train_vs_torch_encoder": ours / ref}
+    return training_throughput(setup, "fp32")
 
 
 def train_bf16(setup: BenchSetup, results: dict) -> dict:
     if not setup.bf16:
         return {"bf16_skipped": f"no native bf16 on {device_name(setup.device)} (see --bf16)"}
-    ours, ref = training_throughput(setup, "bf16")
-    return {"train_tok_s_bf16": ours, "torch_encoder_tok_s_bf16": ref, "train_vs_torch_encoder_bf16": ours / ref}
-
-
-def train_loop(setup: BenchSetup, results: dict) -> dict:
-    """The stage's train() for LOOP_STEPS steps against its step alone. One checkpoint, halfway: at the stage's
-    cadence (every 10%) a 20-step run would checkpoint every 2 steps, and that would be most of what is timed."""
-    params = setup.run_params(steps=LOOP_STEPS, log_every=LOOP_LOG_EVERY, checkpoint_every_frac=0.5)
-    timer = LoopTimer({"bare_step": stage_step(params, setup.tokens, setup.folder / "bare")}, setup.device)
-    train_stage(params, setup.tokens, on_log=timer)
-    speeds = timer.tok_s()
-    return {"train_loop_tok_s_bench_shape": round(speeds["loop"], 1),
-            "bare_step_tok_s_bench_shape": round(speeds["bare_step"], 1),
-            "train_loop_vs_step_bench_shape": round(speeds["loop"] / speeds["bare_step"], 4)}
+    return training_throughput(setup, "bf16")
 
 
 def study_loop(setup: BenchSetup, results: dict) -> dict:
@@ -185,36 +167,6 @@ def mfu(setup: BenchSetup, results: dict) -> dict:
     return out
 
 
-def loss_curve(setup: BenchSetup, precision: str, seed: int) -> list[float]:
-    """Per-step training loss of the stage's steps 0..loss_steps-1 (its schedule for a run that long)."""
-    n = setup.args.loss_steps
-    step = setup.step(f"loss_{precision}_{seed}", precision, seed=seed, steps=n)
-    curve = [float(step(i)) for i in range(n)]
-    if not all(map(math.isfinite, curve)):
-        raise FloatingPointError(f"bench: non-finite loss in the {precision} run of seed {seed}: {curve}")
-    return curve
-
-
-def bf16_loss(setup: BenchSetup, results: dict) -> dict:
-    if not setup.bf16:
-        return {}
-    seed = setup.params.seed
-    fp32, bf16 = loss_curve(setup, "fp32", seed), loss_curve(setup, "bf16", seed)
-    other = loss_curve(setup, "fp32", seed + 1)
-    tail = max(1, len(fp32) // 4)  # the last quarter of the run
-    final = {name: float(np.mean(curve[-tail:])) for name, curve in (("fp32", fp32), ("bf16", bf16), ("other", other))}
-    gap, noise = final["bf16"] - final["fp32"], abs(final["other"] - final["fp32"])
-    return {
-        "loss_steps": setup.args.loss_steps, "loss_token_source": setup.token_source,
-        "loss_fp32_final": final["fp32"], "loss_bf16_final": final["bf16"],
-        "bf16_loss_gap": gap,  # bf16 - fp32, mean over the last quarter, nats/token
-        "bf16_loss_gap_mean_abs": float(np.mean(np.abs(np.array(bf16) - np.array(fp32)))),  # whole curve
-        "seed_loss_gap": noise,  # |other seed - fp32|, the same window: run-to-run noise
-        "bf16_within_noise": abs(gap) <= noise,
-        "loss_curve_fp32": fp32, "loss_curve_bf16": bf16, "loss_curve_fp32_seed2": other,
-    }
-
-
 def attention_analysis(setup: BenchSetup, results: dict) -> dict:
     shape = {key: getattr(setup.params.model, key) for key in CPU_SHAPE}
     return attention_section(shape, setup.params.tokenizer.vocab_size, setup.params.train.batch_size,
@@ -229,15 +181,15 @@ def quality(setup: BenchSetup, results: dict) -> dict:
 
 
 SECTIONS: list[tuple[str, Section]] = [
-    ("train_fp32", train_fp32), ("train_loop", train_loop), ("study_loop", study_loop), ("train_bf16", train_bf16),
-    ("attention_paths", attention_paths), ("mfu", mfu), ("bf16_loss", bf16_loss),
+    ("train_fp32", train_fp32), ("study_loop", study_loop), ("train_bf16", train_bf16),
+    ("attention_paths", attention_paths), ("mfu", mfu),
     ("attention_analysis", attention_analysis), ("quality", quality),
 ]
 
 
 def run_bench(setup: BenchSetup, sections: list[tuple[str, Section]] = SECTIONS, log=print) -> dict:
     """Runs each section in order and merges their keys: the dict written to bench.json."""
-    knobs = {key: getattr(setup.args, key) for key in ("steps", "reps", "loss_steps", "mm_size")}
+    knobs = {key: getattr(setup.args, key) for key in ("steps", "reps", "mm_size")}
     results: dict = {
         "device": device_name(setup.device), "torch_version": torch.__version__,
         "config": {**asdict(setup.params.model), "vocab_size": setup.params.tokenizer.vocab_size,
@@ -267,7 +219,7 @@ def show(value: object) -> str:
 
 def build_setup(args: argparse.Namespace, folder: Path) -> BenchSetup:
     """The bench's params and token files; every input checked before any run."""
-    for key in ("batch_size", "steps", "reps", "loss_steps", "mm_size", "vocab_size", "mm_seconds", "warmup",
+    for key in ("batch_size", "steps", "reps", "mm_size", "vocab_size", "mm_seconds", "warmup",
                 "study_steps"):
         value = getattr(args, key)
         least = "0 or more" if key == "warmup" else "positive"
@@ -325,7 +277,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed training steps per repetition")
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions per comparison")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    p.add_argument("--loss-steps", dest="loss_steps", type=int, default=40, help="steps of the fp32/bf16 loss runs")
     p.add_argument("--mm-size", dest="mm_size", type=int, default=2048, help="n of the n x n peak matmul")
     p.add_argument("--mm-seconds", dest="mm_seconds", type=float, default=2.0, help="time per peak measurement")
     p.add_argument("--seed", type=int, default=1337)

@@ -31,7 +31,7 @@ from attnlab.model.scoring import Score, score_windows, unigram_loss, window_tar
 from attnlab.core.errors import ConfigError
 from attnlab.core.progress import progress_bar
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
-from attnlab.training.schedule import make_budget
+from attnlab.training.schedule import Budget, make_budget
 from benchmarks.common import LoopTimer, loop_speed_keys, reference_steps, stage_step, sync, train_stage
 from benchmarks.reference import ReferenceShape, ReferenceTrainer
 
@@ -54,13 +54,7 @@ def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool 
     train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
     shape = ReferenceShape(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.seq_len)
 
-    log(f"training the reference GPT ({budget.steps} steps of {batch_size} x {m.seq_len})")
-    reference = ReferenceTrainer(shape, train_tokens, budget.steps, batch_size, params.seed, device)
-    start = time.perf_counter()
-    for i in range(budget.steps):
-        reference.step(i)
-    sync(device)
-    reference_tok_s = budget.total_tokens / (time.perf_counter() - start)
+    reference, reference_tok_s = train_reference(shape, train_tokens, budget, batch_size, params.seed, device, "fp32")
 
     log("training attnlab; after each window of its loop, as many stage steps and reference steps")
     with tempfile.TemporaryDirectory(prefix="attnlab-quality-") as tmp:
@@ -86,6 +80,18 @@ def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool 
         "train_loop_steps_timed": sum(w["steps"] for w in timer.windows),
         **loop_speed_keys(speeds, metrics["precision"]),
     }
+
+
+def train_reference(shape: ReferenceShape, train_tokens, budget: Budget, batch_size: int, seed: int,
+                    device: torch.device, precision: str) -> tuple[ReferenceTrainer, float]:
+    """The reference GPT trained alone for the budget's steps: (its trainer, tokens/s over the whole run)."""
+    log(f"training the reference GPT in {precision} ({budget.steps} steps of {batch_size} x {shape.seq_len})")
+    reference = ReferenceTrainer(shape, train_tokens, budget.steps, batch_size, seed, device, precision)
+    start = time.perf_counter()
+    for i in progress_bar(range(budget.steps), desc="reference", unit="step"):
+        reference.step(i)
+    sync(device)
+    return reference, budget.total_tokens / (time.perf_counter() - start)
 
 
 def score_both(model, reference, train_tokens, val_tokens, params: Params, vocab: int) -> tuple[Score, Score, float]:
@@ -114,13 +120,8 @@ def reference_against_model(params: Params, tokens: str | Path, model_path: str 
                                            f"is {budget.total_tokens:,}: run it with the params it was trained with")
     train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
     shape = ReferenceShape(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.seq_len)
-    log(f"training the reference GPT in {precision} ({budget.steps} steps of {params.train.batch_size} x {m.seq_len})")
-    reference = ReferenceTrainer(shape, train_tokens, budget.steps, params.train.batch_size, params.seed,
-                                 "cpu", precision)
-    start = time.perf_counter()
-    for i in progress_bar(range(budget.steps), desc="reference", unit="step"):
-        reference.step(i)
-    seconds = time.perf_counter() - start
+    reference, reference_tok_s = train_reference(shape, train_tokens, budget, params.train.batch_size, params.seed,
+                                                 torch.device("cpu"), precision)
     ours, theirs, unigram = score_both(model, reference.model, train_tokens, val_tokens, params, vocab)
     return {
         "shape": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, seq {m.seq_len}, "
@@ -133,7 +134,7 @@ def reference_against_model(params: Params, tokens: str | Path, model_path: str 
         "reference_precision": precision,
         "attnlab_vs_reference": round(ours.loss / theirs.loss, 4),
         "reference_n_params": sum(p.numel() for p in reference.model.parameters()),
-        "reference_tok_s": round(budget.total_tokens / seconds, 1),
+        "reference_tok_s": round(reference_tok_s, 1),
     }
 
 
