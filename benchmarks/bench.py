@@ -36,6 +36,7 @@ from attnlab.core.cli import run_cli
 from attnlab.core.device import native_bf16, pick_device
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_json
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import Params, load_params
 from attnlab.data.tokens import load_meta, load_tokens
 from attnlab.model.transformer import Transformer, count_parameters, flops_per_token
@@ -291,6 +292,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    keep_freed_memory()  # as the stages run (attnlab.core.memory)
     started = time.perf_counter()
     sections = SECTIONS if args.quality else SECTIONS[:-1]
     with tempfile.TemporaryDirectory(prefix="attnlab-bench-") as tmp:

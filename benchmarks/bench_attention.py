@@ -25,6 +25,7 @@ import torch
 
 from attnlab.analysis.capture import capture_attention
 from attnlab.analysis.stats import stats_schema, stream_attention_stats
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import ModelConfig
 from attnlab.model.transformer import Transformer
 from benchmarks.common import ROOT, peak_rss_mb, side_by_side
@@ -117,6 +118,7 @@ def peak_memory_child(shape: dict, vocab_size: int, batch_size: int, n_examples:
 
 
 def _memory_child(spec: dict) -> dict:
+    keep_freed_memory()  # as the attention_stats stage runs
     model = build(spec["shape"], spec["vocab_size"], spec["seed"], "cpu")
     T = spec["shape"]["seq_len"]
     examples = {split: random_examples(spec["n_examples"], T, spec["vocab_size"], spec["seed"] + i)

@@ -30,6 +30,7 @@ from attnlab.analysis.stats import attention_stats
 from attnlab.core.cli import run_cli
 from attnlab.core.errors import AttnlabError, ConfigError
 from attnlab.core.io import write_json
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import Params, load_params
 from attnlab.data.corpus import build_corpus
 from attnlab.data.tokenizer import build_tokenizer, tokenize_corpus
@@ -172,6 +173,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     require_cuda(args.dry_run)
+    keep_freed_memory()  # as the stages run (attnlab.core.memory)
     started = time.perf_counter()
     base = load_params(args.params, DRY_RUN if args.dry_run else None)
     if args.warmup_steps < 0 or args.steps < args.warmup_steps + 2 * base.train.log_every:

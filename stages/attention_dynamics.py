@@ -11,6 +11,7 @@ from attnlab.analysis.dynamics import attention_dynamics
 from attnlab.core.cli import run_cli
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import read_json, write_json
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 
 
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metrics", required=True, help="reports/attention_dynamics.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
     start = time.perf_counter()
     reference = None
     if args.reference:

@@ -9,6 +9,7 @@ import time
 from attnlab.analysis.stats import attention_stats
 from attnlab.core.cli import run_cli
 from attnlab.core.io import write_json
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 
 
@@ -21,6 +22,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metrics", required=True, help="reports/attention.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
     start = time.perf_counter()
     result = attention_stats(params, args.model, args.tokens, args.out)
     write_json(args.metrics, {**result["metrics"], "seconds": round(time.perf_counter() - start, 2)})  # wall time

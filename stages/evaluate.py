@@ -8,6 +8,7 @@ from pathlib import Path
 from attnlab.analysis.evaluate import evaluate
 from attnlab.core.cli import run_cli
 from attnlab.core.io import write_json, write_text
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 
 
@@ -22,6 +23,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--by-position", default="reports/loss_by_position.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
     t0 = time.time()
     result = evaluate(params, Path(args.model), Path(args.tokens), Path(args.tokenizer))
     metrics = {**result.metrics, "seconds": round(time.time() - t0, 2)}  # the stage's wall time, for docs/performance.md

@@ -12,6 +12,7 @@ from attnlab.analysis.explorer import explorer_data
 from attnlab.core.cli import run_cli
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import read_json, write_text
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 from attnlab.data.tokenizer import load_tokenizer
 from attnlab.report.explorer import explorer_html
@@ -27,6 +28,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="reports/explorer.html")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
     start = time.perf_counter()
     sp = load_tokenizer(args.tokenizer)
     data = explorer_data(params, args.model, args.attention)

@@ -11,6 +11,7 @@ import time
 from attnlab.analysis.head_roles import head_roles
 from attnlab.core.cli import run_cli
 from attnlab.core.io import write_json
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 
 
@@ -23,6 +24,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metrics", required=True, help="reports/head_roles.json")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
     start = time.perf_counter()
     result = head_roles(params, args.model, args.tokens, args.out)
     metrics = result["metrics"]

@@ -8,6 +8,7 @@ import sys
 import time
 
 from attnlab.core.cli import run_cli
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 
 
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     params = load_params(args.params)  # bad params fail here, before torch and matplotlib are imported
+    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
     from attnlab.analysis.intervention_sweep import run_interventions
     from attnlab.core.io import atomic_path, write_json, write_text
     from attnlab.report.plots_interventions import write_intervention_figures

@@ -9,6 +9,7 @@ import time
 from attnlab.analysis.probes import analyse_checkpoint
 from attnlab.core.cli import run_cli
 from attnlab.core.io import write_json
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 from attnlab.report.plots_pe import plot_dimension_variance, plot_position_probe, save_figure
 
@@ -24,6 +25,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     params = load_params(args.params)
+    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
     variance, probe = analyse_checkpoint(
         args.model, args.tokens, params.probe.n_examples, params.probe.ridge, params.analysis.seed, params.train.device
     )

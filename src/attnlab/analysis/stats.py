@@ -18,9 +18,7 @@ the val split).
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +34,7 @@ from attnlab.analysis.stats_files import EXAMPLES_FILE, PATTERNS_FILE, STATS_FIL
 from attnlab.core.device import pick_device
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import atomic_path
+from attnlab.core.memory import release_freed_memory
 from attnlab.core.params import Params
 from attnlab.data.tokens import SPLITS, check_length, example_starts, load_tokens
 from attnlab.model.checkpoint import load_model
@@ -90,8 +89,12 @@ def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     check_causal(p)
     position = torch.arange(T, device=p.device, dtype=torch.float32)  # (T,) query position t
     max_bits = torch.log2(position + 1.0)  # (T,) log2(number of visible keys)
-    entropy_nats = torch.special.entr(p).sum(-1)  # (..., T); entr(p) = -p ln p, entr(0) = 0 (xlogy's numbers, faster)
-    entropy_nats = entropy_nats.masked_fill(entropy_nats == float("-inf"), float("nan"))  # a weight < 0: NaN, shown
+    # -sum_j p_j ln p_j in one temporary, worked in place: clamping to the smallest normal float makes 0 ln 0 = 0
+    # (ln of it is finite); a row with a weight below 0, whose entropy is undefined, is NaN, not hidden
+    p_log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p)  # (..., T, T)
+    entropy_nats = -p_log_p.sum(-1)  # (..., T)
+    del p_log_p
+    entropy_nats = entropy_nats.masked_fill(p.amin(-1) < 0, float("nan"))
     # Rounding can step a hair outside the exact bounds [0, log2(t+1)]; NaN stays NaN (clamp keeps it).
     entropy_bits = torch.minimum((entropy_nats / math.log(2.0)).clamp_min(0.0), max_bits)
     support = torch.exp2(entropy_bits)
@@ -275,22 +278,6 @@ def stream_attention_stats(
 
 
 TRIM_EVERY = 8  # batches between returns of freed heap memory to the OS
-
-
-def release_freed_memory() -> bool:
-    """Hand freed heap pages back to the OS (glibc malloc_trim); no-op, returning False, elsewhere.
-
-    Each batch frees tens of MB of attention tensors, while the parquet writer keeps small allocations (row
-    group metadata) alive between them; glibc then cannot shrink its heap and the process grows with every
-    batch written (measured: about +20 MB per 64 examples at seq_len 256). Trimming every TRIM_EVERY batches
-    keeps peak memory flat in n_examples, at the cost of re-faulting those pages once per TRIM_EVERY batches.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def _grid(L: int, H: int, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -178,9 +178,10 @@ class CausalSelfAttention(nn.Module):
         else:
             mask = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu_(1)[None]  # (1, T, T)
         # mask + (q @ k^T) / sqrt(Dh) in one batched GEMM: its output starts as the mask, and the scaled product
-        # is added onto it, so the scores are written once
+        # is added onto it, so the scores are written once; the causal mask broadcasts over the B H matrices as
+        # it is written, ALiBi's (one per head) is laid out for them first
         keys = k.reshape(B * H, T, Dh).transpose(1, 2)  # (B H, Dh, T)
-        start = mask.expand(B, H, T, T).reshape(B * H, T, T)  # (B H, T, T)
+        start = mask.expand(B, H, T, T).reshape(B * H, T, T) if self.pe == "alibi" else mask  # (B H | 1, T, T)
         scores = torch.baddbmm(start, q.reshape(B * H, T, Dh), keys, alpha=1.0 / math.sqrt(Dh))
         scores = scores.view(B, H, T, T)  # (B, H, T, T)
         scores = self.hook_scores(scores)  # (B, H, T, T)
