@@ -30,6 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 E2E_DIR = ROOT / "tests" / "e2e"
 
 
+def pytest_configure(config):
+    """Under xdist, each worker and every process it starts (stages, trainings) gets its share of the cores as
+    torch threads: `-n 2` on 2 cores otherwise runs 2 x 2 OpenMP threads that spin against each other, and a
+    test that takes 2 s alone takes 40. A user's OMP_NUM_THREADS is kept."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    threads = os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+    import torch
+
+    torch.set_num_threads(int(threads))
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test under tests/e2e is an e2e test (real stages, real dvc, real training runs); a few in
     tests/unit that run a subprocess carry the mark themselves. `make test-fast` (-m "not e2e") leaves them out."""

@@ -201,9 +201,10 @@ def test_the_stage_writes_its_table_and_metrics(project):
     assert ablation["rise_second_copy"]["induction_heads"] != 0.0  # the ablation changed something
 
 
-def test_induction_scores_of_the_stage_are_the_captured_patterns(project):
+def test_induction_scores_of_the_stage_are_the_captured_patterns(tmp_path):
     """pattern_scores against the attention captured in one forward pass, read at the induction entries by a loop."""
-    model, _ = load_model(project / "model.pt")
+    write_model(tmp_path / "model.pt", 512, seq_len=24)
+    model, _ = load_model(tmp_path / "model.pt")
     repeats = roles.repeated_random_tokens(4, 12, 512, seed=1)
     got = roles.pattern_scores(model, repeats, 3, {"induction": lambda p: roles.induction_score(p, 12)})
     with torch.no_grad(), capture_attention(model) as cache:
