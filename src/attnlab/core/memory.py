@@ -31,7 +31,7 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BELOW_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BELOW_BYTES))
+    return all(libc.mallopt(param, KEEP_BELOW_BYTES) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
 
 
 def release_freed_memory() -> bool:
