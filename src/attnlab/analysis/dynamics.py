@@ -26,7 +26,7 @@ import torch
 
 from attnlab.core.progress import progress_bar
 from attnlab.analysis.head_roles import ROLES, head_key, repeat_half, repeated_random_tokens, role_scores
-from attnlab.analysis.stats import HEADS_SPLIT, batch_stats, stage_examples
+from attnlab.analysis.stats import HEADS_SPLIT, batch_stats, per_head_sums, stage_examples
 from attnlab.core.device import pick_device
 from attnlab.core.errors import ConfigError
 from attnlab.core.io import atomic_path
@@ -48,8 +48,8 @@ def head_means(model: Transformer, examples: torch.Tensor, batch_size: int) -> d
     sums = {name: np.zeros((L, H)) for name in HEAD_STATS}
     for first in range(0, len(examples), batch_size):
         stats = batch_stats(model, examples[first : first + batch_size].to(device))  # name -> (B, L, H, T)
-        for name in HEAD_STATS:
-            sums[name] += stats[name].double().sum((0, 3)).cpu().numpy()
+        for name, total in per_head_sums(stats, HEAD_STATS).items():
+            sums[name] += total
     n_rows = examples.shape[0] * examples.shape[1]  # rows per head
     return {f"mean_{name}": total / n_rows for name, total in sums.items()}
 

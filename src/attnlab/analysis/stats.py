@@ -144,6 +144,11 @@ def stats_schema(n_examples: int, n_layers: int, n_heads: int, seq_len: int) -> 
     )
 
 
+def per_head_sums(stats: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """name -> (L, H) float64: stats[name] (B, L, H, T) summed over the batch and the positions."""
+    return {name: stats[name].double().sum((0, 3)).cpu().numpy() for name in names}
+
+
 @dataclass
 class Summary:
     """What the stream accumulates besides the rows."""
@@ -162,8 +167,8 @@ class Summary:
         """Fold one batch's statistics (name -> (B, L, H, T)) into the split's per-head sums."""
         sums = self.head_sums.setdefault(split, {name: np.zeros((self.n_layers, self.n_heads)) for name in
                                                  HEAD_METRIC_NAMES})  # fmt: skip
-        for name in HEAD_METRIC_NAMES:
-            sums[name] += stats[name].double().sum((0, 3)).cpu().numpy()
+        for name, total in per_head_sums(stats, HEAD_METRIC_NAMES).items():
+            sums[name] += total
 
     @property
     def mean_patterns(self) -> np.ndarray:
