@@ -32,8 +32,8 @@ E2E_DIR = ROOT / "tests" / "e2e"
 
 def pytest_configure(config):
     """Under xdist, each worker and every process it starts (stages, trainings) gets its share of the cores as
-    torch threads: `-n 2` on 2 cores otherwise runs 2 x 2 OpenMP threads that spin against each other, and a
-    test that takes 2 s alone takes 40. A user's OMP_NUM_THREADS is kept."""
+    torch threads: otherwise `-n 2` on 2 cores runs 2 x 2 OpenMP threads that spin against each other, and a test
+    runs many times slower in the suite than alone. A user's OMP_NUM_THREADS is kept."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return

@@ -72,14 +72,15 @@ def test_branches_with_different_params_show_a_val_loss_change_in_metrics_diff(d
     assert not dvc_project.stale_stages()
 
 
-# The train stage's outputs that dvc does not cache, kept aside by the kill-and-resume test, which restores the
-# shared project's finished run afterwards rather than re-running every stage after train.
-UNCACHED_TRAIN_OUTPUTS = ("dvc.lock", "reports/train.json", "reports/train_log.tsv", "reports/val_log.tsv")
+# What `dvc checkout` cannot bring back after a rerun of train: the lock file and the train outputs dvc does not
+# cache. The kill-and-resume test keeps them aside and restores the shared project's finished run afterwards,
+# rather than re-running every stage after train.
+UNCACHED_TRAIN_STATE = ("dvc.lock", "reports/train.json", "reports/train_log.tsv", "reports/val_log.tsv")
 
 
 def test_a_killed_train_stage_resumes_under_dvc_repro_and_matches_the_uninterrupted_run(dvc_project):
     p = dvc_project.path
-    kept = {rel: (p / rel).read_bytes() for rel in UNCACHED_TRAIN_OUTPUTS}
+    kept = {rel: (p / rel).read_bytes() for rel in UNCACHED_TRAIN_STATE}
     try:
         killed_and_resumed(dvc_project)
     finally:
