@@ -53,6 +53,24 @@ def test_capture_gives_causal_probability_rows_per_layer(pe):
     assert n_hooks(model) == 0 and on_explicit_path(model) == [False] * 3
 
 
+@pytest.mark.parametrize(("pe", "norm"), [("rope", "pre"), ("learned", "post")])
+def test_attend_gives_every_layers_attention_of_a_full_forward_and_runs_nothing_after_the_last(pe, norm):
+    model = make_model(pe=pe, norm=norm)
+    idx = tokens(2, 20)
+    after_last = []
+    model.blocks[-1].mlp.register_forward_hook(lambda *args: after_last.append("mlp"))
+    model.blocks[-1].hook_resid_post.register_forward_hook(lambda *args: after_last.append("resid_post"))
+    with torch.no_grad(), capture_attention(model, point="hook_scores") as full:
+        model(idx)
+    assert after_last == ["mlp", "resid_post"]
+    after_last.clear()
+    with torch.no_grad(), capture_attention(model, point="hook_scores") as attended:
+        assert model.attend(idx) is None
+    assert after_last == [] and sorted(attended) == sorted(full) == [0, 1, 2]
+    for layer in full:
+        assert torch.equal(attended[layer], full[layer]), layer
+
+
 def test_captured_pattern_matches_the_loop_reference():
     model = make_model(pe="rope", d_model=16, n_heads=2, n_layers=2).double()
     idx = tokens(2, 7)

@@ -204,7 +204,7 @@ def batch_stats(
     before it is freed.
     """
     with torch.inference_mode(), capture_attention(model) as cache:
-        model.residual(batch)  # every layer's attention, without the tied head's logits, which no statistic reads
+        model.attend(batch)  # every layer's attention, and nothing after the last layer's
         per_layer = []
         for layer in range(model.cfg.n_layers):
             weights = cache.pop(layer)  # (B, H, T, T); freed once its stats are taken
@@ -237,9 +237,13 @@ def stream_attention_stats(
     pattern_sums = torch.zeros(L, H, T, T, dtype=torch.float64, device=device)
 
     def add_pattern(layer: int, weights: torch.Tensor) -> None:
-        pattern_sums[layer] += weights.sum(0).double()  # (H, T, T)
+        pattern_sums[layer] += weights.sum(0)  # (H, T, T), added into float64 in place
 
-    grid = _grid(L, H, T)  # layer, head, position of one example's rows, (L*H*T,) each
+    # each example's rows in (layer, head, position) order, and the dictionary of split names
+    grid = {name: np.asarray(column, dtype=schema.field(name).type.to_pandas_dtype())
+            for name, column in zip(("layer", "head", "position"), _grid(L, H, T))}
+    split_names = pa.array(list(examples))
+    example_type = schema.field("example").type.to_pandas_dtype()
     n_batches = sum(math.ceil(len(ex) / batch_size) for ex in examples.values())
     n_done = 0
     bar = progress_bar(total=n_batches, desc="attention stats", unit="batch", disable=not progress)
@@ -254,21 +258,15 @@ def stream_attention_stats(
             for name in STAT_NAMES:
                 sums[name] += float(columns[name].sum(dtype=np.float64))
             n = B * L * H * T
-            example = np.repeat(np.arange(first, first + B), L * H * T)
-            table = pa.table(
-                {
-                    "split": pa.DictionaryArray.from_arrays(
-                        pa.array(np.full(n, split_code, dtype=np.int8)), pa.array(list(examples))
-                    ),
-                    "example": example,
-                    "layer": np.tile(grid[0], B),
-                    "head": np.tile(grid[1], B),
-                    "position": np.tile(grid[2], B),
-                    **columns,
-                }
-            ).cast(schema)
+            arrays = [
+                pa.DictionaryArray.from_arrays(pa.array(np.full(n, split_code, dtype=np.int8)), split_names),
+                pa.array(np.repeat(np.arange(first, first + B, dtype=example_type), L * H * T)),
+                *(pa.array(np.tile(grid[name], B)) for name in ("layer", "head", "position")),
+                *(pa.array(columns[name]) for name in STAT_NAMES),
+            ]
+            table = pa.Table.from_arrays(arrays, schema=schema)
             sink(table)
-            del table, columns, stats
+            del table, arrays, columns, stats
             n_done += 1
             if n_done % TRIM_EVERY == 0:
                 release_freed_memory()

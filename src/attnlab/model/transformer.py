@@ -290,6 +290,22 @@ class Transformer(nn.Module):
     def residual(self, idx: torch.Tensor) -> torch.Tensor:
         """The residual stream after the last block and ln_f, what the tied head reads: (B, T, D). The train
         stage's loss takes it from here (attnlab.model.loss), so that the logits are never materialised."""
+        x = self.embed(idx)  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)  # (B, T, D)
+        return self.ln_f(x)  # (B, T, D)
+
+    def attend(self, idx: torch.Tensor) -> None:
+        """Every layer's attention over idx and nothing after the last one (its block's MLP, ln_f, the head):
+        for hooks on the attention layers' points, which is all that the attention statistics read."""
+        x = self.embed(idx)  # (B, T, D)
+        for block in self.blocks[:-1]:
+            x = block(x)  # (B, T, D)
+        last = self.blocks[-1]
+        last.attn(last.ln1(x) if last.pre_norm else x)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token (+ absolute position) embeddings of idx (B, T): (B, T, D), through hook_embed."""
         B, T = idx.shape
         if T > self.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len} "
@@ -299,10 +315,7 @@ class Transformer(nn.Module):
             x = x + self.pos_emb.weight[:T]
         elif self.cfg.pe == "sinusoidal":
             x = x + self.pos_table[:T]
-        x = self.hook_embed(self.drop(x))
-        for block in self.blocks:
-            x = block(x)  # (B, T, D)
-        return self.ln_f(x)  # (B, T, D)
+        return self.hook_embed(self.drop(x))
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
