@@ -74,16 +74,13 @@ bench: venv  ## throughput figures + quality against a reference GPT at the quic
 	$(BIN)/python -m benchmarks.bench --out reports/bench.json $(subst -S ,--set ,$(QUICK_PARAMS))
 
 bench-compile: venv  ## torch.compile against eager on the CPU, quick and default shape, compile time included -> reports/bench_compile.json
-	$(BIN)/python -m benchmarks.bench_compile --out reports/bench_compile.json
+	$(BIN)/python -m benchmarks.bench_compile --out reports/bench_compile.json $(subst -S ,--set ,$(QUICK_PARAMS))
 
-# fp32 against bf16 autocast on the quick profile x PRECISION_SEEDS, the train stage's own function on data/tokens
-# (`make quick` first); the table behind `train.precision: auto` in docs/performance.md. Where bf16 is emulated
-# (CPUs without avx512_bf16/amx_bf16) a bf16 run takes ~15x as long as fp32: over an hour for the three.
-PRECISION_SEEDS ?= 1 2 3
-PRECISION_JOBS ?= 3
-precision-seeds: venv  ## fp32 vs bf16 autocast, quick profile x 3 seeds -> reports/precision_seeds.json + a markdown table
-	$(BIN)/python -m benchmarks.precision_seeds --out reports/precision_seeds.json --seeds $(PRECISION_SEEDS) \
-		--jobs $(PRECISION_JOBS) $(subst -S ,--set ,$(QUICK_PARAMS))
+# fp32 against bf16 autocast on the quick profile x compare.seeds: `make sweep` over train.precision, whole runs
+# as DVC experiments (the table behind `train.precision: auto` in docs/performance.md). Where bf16 is emulated
+# (CPUs without avx512_bf16/amx_bf16) a bf16 run takes ~15x as long as fp32.
+precision-seeds: venv  ## fp32 vs bf16 autocast, quick profile x compare.seeds, as DVC experiments -> reports/sweep.html
+	$(MAKE) sweep QUICK=1 SWEEP="-S train.precision=fp32,bf16"
 
 # On a machine without CUDA it refuses at once (exit status 1, the last line of the script says CUDA is needed).
 gpu-check: venv  ## one CUDA GPU: data stages, a few hundred bf16 + compile steps of the default shape, attention analysis -> reports/gpu_check.json (DRY_RUN=1: CPU, tiny shape)
@@ -111,7 +108,7 @@ compare: venv  ## every PE variant + non-linear Q/K/V, x compare.seeds, as DVC e
 
 # `make results`: the experiments behind docs/results.md on the quick CPU profile — every variant of `make compare`
 # x compare.seeds — then their tables. BF16=1 adds the default variant under bf16 autocast x compare.seeds, each
-# a whole pipeline run (`make precision-seeds` trains and scores only: the fp32/bf16 table of docs/performance.md).
+# a whole pipeline run, and results_tables pairs them with the fp32 seeds.
 # Only where bf16 is native (a CUDA GPU, a CPU with AMX/avx512_bf16): emulated it runs ~15x slower than fp32.
 RESULTS_BF16 = $(if $(filter-out 0,$(BF16)),train.precision=bf16)
 RESULTS_JOBS ?= 2

@@ -1,12 +1,6 @@
-"""The attention-analysis section of `make bench`, measured in one run on the same batches:
-
-- plain_forward_tok_s: the model's forward pass with the fused attention kernel (SDPA), no capture;
-- analysis_tok_s: attnlab.analysis.stats.stream_attention_stats (capture through hook points, every statistic,
-  the arrow tables of rows); analysis_vs_forward = its cost in plain forward passes (goal <= 1.15);
-- loop_reference_tok_s: the original study's formulation (capture, then a Python loop over layers, heads and
-  query positions), and loop_reference_max_abs_diff_bits: it must give the same entropies;
-- peak memory (common.peak_rss_mb of a fresh process running the streamed stage path, parquet writer
-  included) at two values of n_examples: it must not grow with n_examples.
+"""`make bench`'s attention analysis: attnlab.analysis.stats.stream_attention_stats against a plain forward pass
+(SDPA, no capture) and the explicit path's forward on the same batches, its entropies against the original study's loop over layers, heads and
+query positions, and the peak memory of the streamed stage path in a fresh process at two n_examples.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from attnlab.analysis.capture import capture_attention
+from attnlab.analysis.capture import capture_attention, explicit_attention
 from attnlab.analysis.stats import stats_schema, stream_attention_stats
 from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import ModelConfig
@@ -60,9 +54,10 @@ def loop_reference_entropy(model: Transformer, batch: torch.Tensor) -> torch.Ten
     return out
 
 
-def attention_section(shape: dict, vocab_size: int, batch_size: int, device: str, seed: int, n_batches: int = 2,
-                      repeats: int = 3, memory_n_examples: tuple[int, int] = (32, 128)) -> dict:
-    """The bench keys of the attention analysis at one model shape (ModelConfig fields)."""
+def attention_section(shape: dict, vocab_size: int, batch_size: int, device: str, seed: int, full: bool = True,
+                      n_batches: int = 2, repeats: int = 3, memory_n_examples: tuple[int, int] = (32, 128)) -> dict:
+    """The bench keys of the attention analysis at one model shape (ModelConfig fields); without `full`, the
+    speeds alone (no loop reference, no memory runs)."""
     model = build(shape, vocab_size, seed, device)
     T = shape["seq_len"]
     examples = random_examples(batch_size * n_batches, T, vocab_size, seed + 1).to(device)
@@ -76,14 +71,25 @@ def attention_section(shape: dict, vocab_size: int, batch_size: int, device: str
         for batch in batches:
             model(batch)
 
+    def explicit(i: int) -> None:
+        with explicit_attention(model):
+            forward(i)
+
     def analysis(i: int) -> None:
         kept.clear()
         stream_attention_stats(model, {"val": examples}, batch_size, kept.append)
 
-    tok_s = side_by_side({"forward": forward, "analysis": analysis}, steps=1, reps=repeats, warmup=1,
-                         tokens_per_step=n_tokens, device=torch.device(device))
+    tok_s = side_by_side({"forward": forward, "explicit": explicit, "analysis": analysis}, steps=1, reps=repeats,
+                         warmup=1, tokens_per_step=n_tokens, device=torch.device(device))
+    speeds = {"tokens": n_tokens, "repeats": repeats, "plain_forward_tok_s": round(tok_s["forward"], 1),
+              "analysis_tok_s": round(tok_s["analysis"], 1),
+              "analysis_vs_forward": round(tok_s["forward"] / tok_s["analysis"], 3),  # its cost in forward passes
+              # the forward alone on the explicit (capturable) path, no capture, against SDPA's
+              "sdpa_fwd_tok_s": tok_s["forward"], "explicit_fwd_tok_s": tok_s["explicit"],
+              "explicit_vs_sdpa_fwd": tok_s["explicit"] / tok_s["forward"]}
+    if not full:
+        return speeds
     streamed = np.concatenate([t.column("entropy_bits").to_numpy() for t in kept])  # rows (N, L, H, T) order
-
     start = time.perf_counter()
     reference = loop_reference_entropy(model, batches[0]).numpy()  # (B, L, H, T)
     loop_s = time.perf_counter() - start
@@ -92,11 +98,7 @@ def attention_section(shape: dict, vocab_size: int, batch_size: int, device: str
     memory = {n: peak_memory_child(shape, vocab_size, batch_size, n, seed) for n in memory_n_examples}
     (n_small, small), (n_large, large) = sorted(memory.items())
     return {
-        "tokens": n_tokens,
-        "repeats": repeats,
-        "plain_forward_tok_s": round(tok_s["forward"], 1),
-        "analysis_tok_s": round(tok_s["analysis"], 1),
-        "analysis_vs_forward": round(tok_s["forward"] / tok_s["analysis"], 3),  # its cost in forward passes
+        **speeds,
         "loop_reference_tok_s": round(batches[0].numel() / loop_s, 1),
         "loop_reference_max_abs_diff_bits": diff,
         "loop_reference_matches": diff < 1e-4,

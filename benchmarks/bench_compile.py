@@ -1,13 +1,6 @@
-"""torch.compile on the CPU: does it pay for its compile time on a `make quick`-sized run?
-
-    python -m benchmarks.bench_compile --out reports/bench_compile.json      # `make bench-compile`
-
-At the quick profile's shape (read from the Makefile) and params.yaml's, the train stage's step
-(attnlab.training.loop.train_step) runs eagerly and with its model through `torch.compile`, on the same
-synthetic batches: ``compile_seconds`` (the first compiled steps' time less as many eager ones),
-``eager_tok_s`` / ``compiled_tok_s`` (steady, alternating: common.side_by_side), and ``run_minutes_*``, the
-shape's whole token budget at those speeds, compile time included. The train stage compiles only on CUDA
-(`train.compile`); this measurement is what keeps it off on the CPU.
+"""`make bench-compile`: the train stage's step eager against `torch.compile` on the CPU at the quick and the
+default shape (same synthetic batches, alternating), and each shape's whole budget at those speeds with the
+compile time (the first two compiled steps less two eager ones) included. The stage compiles only on CUDA.
 """
 
 from __future__ import annotations
@@ -21,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from attnlab.core.cli import run_cli
 from attnlab.core.io import write_json
 from attnlab.core.params import Params, load_params
 from attnlab.training.schedule import make_budget
-from benchmarks.common import device_name, quick_params, side_by_side, stage_step, synthetic_tokens
+from benchmarks.common import device_name, parse_overrides, side_by_side, stage_step, synthetic_tokens
 
 
 def measure(params: Params, steps: int, reps: int, folder: Path, log) -> dict:
@@ -57,13 +51,15 @@ def measure(params: Params, steps: int, reps: int, folder: Path, log) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="reports/bench_compile.json")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="the quick shape's params overrides, as `dvc exp run -S` (`make bench-compile`: the quick profile)")
     parser.add_argument("--default-steps", type=int, default=2, help="timed steps per repetition, default shape")
     args = parser.parse_args(argv)
     results = {"device": device_name(torch.device("cpu")), "torch": torch.__version__}
-    shapes = {"quick": (load_params(args.params, quick_params()), 10, 3),
+    shapes = {"quick": (load_params(args.params, parse_overrides(args.overrides)), 10, 3),
               "default": (load_params(args.params), args.default_steps, 2)}
     with tempfile.TemporaryDirectory(prefix="attnlab-bench-compile-") as tmp:
         for name, (params, steps, reps) in shapes.items():
@@ -75,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -1,20 +1,11 @@
-"""The quality section of `make bench`: attnlab's recipe against the plain reference GPT (benchmarks/reference.py).
-
-Both train on the project's token files with the same shape, token budget, batch size and batch sequence; both
-are scored by attnlab's one scoring function, on the same device in fp32, on exactly the windows `evaluate`
-scores: ``quality_vs_reference`` = attnlab val_loss / reference val_loss (goal <= 1.0).
-
-The same run times the train stage's loop (its own ``train()`` at its own precision, validation left out)
-against the stage's step alone (``train_loop_vs_step``, goal >= 0.95: what the loop's bookkeeping costs) and
-against the reference's training loop at its faster precision, fp32 or (where bf16 is native) bf16 autocast
-(``stage_vs_reference_speed``, goal >= 1.0). A machine's speed drifts over minutes, so they are timed side by
-side (common.LoopTimer): after each window of the loop, as many steps of each of the others.
+"""attnlab's recipe against the plain reference GPT (benchmarks/reference.py) on the same token files, shape,
+budget, batch size and batches, both scored on evaluate's windows: `make bench`'s quality section (with the loop
+timed against its step and the reference's, common.LoopTimer) and `make reference-study-cpu` (a model file).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -24,16 +15,17 @@ from pathlib import Path
 import torch
 
 from attnlab.core.cli import run_cli
+from attnlab.core.errors import ConfigError
 from attnlab.core.io import write_json
 from attnlab.core.params import Params, load_params
-from attnlab.model.checkpoint import load_model
-from attnlab.model.scoring import Score, score_windows, unigram_loss, window_targets
-from attnlab.core.errors import ConfigError
 from attnlab.core.progress import progress_bar
 from attnlab.data.tokens import eval_starts, load_meta, load_tokens
-from attnlab.training.schedule import Budget, make_budget
+from attnlab.model.checkpoint import load_model
+from attnlab.model.scoring import score_windows, unigram_loss, window_targets
+from attnlab.model.transformer import Transformer
+from attnlab.training.schedule import make_budget
 from benchmarks.common import LoopTimer, loop_speed_keys, reference_steps, stage_step, sync, train_stage
-from benchmarks.reference import ReferenceShape, ReferenceTrainer
+from benchmarks.reference import ReferenceTrainer
 
 
 def log(line: str) -> None:
@@ -41,95 +33,54 @@ def log(line: str) -> None:
 
 
 def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool = False) -> dict:
-    """Trains the reference alone, then attnlab (the train stage's own function) with the stage's step and the
-    reference's step (also under bf16 autocast, if reference_bf16) interleaved; scores both; returns the flat
-    bench keys."""
-    vocab = int(load_meta(tokens)["vocab_size"])
-    params = dataclasses.replace(
-        params, tokenizer=dataclasses.replace(params.tokenizer, vocab_size=vocab),
-        train=dataclasses.replace(params.train, device="cuda" if torch.cuda.is_available() else "cpu"),
-    )
-    m, device, batch_size = params.model, torch.device(params.train.device), params.train.batch_size
-    budget = make_budget(params, vocab)
-    train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
-    shape = ReferenceShape(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.seq_len)
-
-    reference, reference_tok_s = train_reference(shape, train_tokens, budget, batch_size, params.seed, device, "fp32")
-
+    """attnlab trained by the train stage's own function, with the stage's step and the reference's step (also
+    under bf16 autocast, if reference_bf16) interleaved; then the reference alone in fp32; both scored. Returns
+    the flat bench keys."""
+    device = torch.device(params.train.device)
     log("training attnlab; after each window of its loop, as many stage steps and reference steps")
     with tempfile.TemporaryDirectory(prefix="attnlab-quality-") as tmp:
+        steps = make_budget(params, params.tokenizer.vocab_size).steps
         partners = {"bare_step": stage_step(params, tokens, Path(tmp)),
-                    **reference_steps(shape, train_tokens, budget.steps, batch_size, params.seed + 1, device,
-                                      reference_bf16)}
+                    **reference_steps(params.model, params.tokenizer.vocab_size, load_tokens(tokens, "train"), steps,
+                                      params.train.batch_size, params.seed + 1, device, reference_bf16)}
         timer = LoopTimer(partners, device)
         metrics, model = train_stage(params, tokens, on_log=timer)
-    speeds = timer.tok_s()
-
-    ours, theirs, unigram = score_both(model.to(device), reference.model, train_tokens, val_tokens, params, vocab)
+    scored = against_reference(model.to(device), params, tokens, "fp32")
     return {
-        "quality_shape": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, "
-                         f"seq {m.seq_len}, vocab {vocab}, {budget.total_tokens:,} tokens, seed {params.seed}",
-        "quality_val_tokens": ours.n_tokens,
-        "quality_unigram_loss": round(unigram, 4),
-        "quality_attnlab_val_loss": round(ours.loss, 4),
-        "quality_reference_val_loss": round(theirs.loss, 4),
-        "quality_vs_reference": round(ours.loss / theirs.loss, 4),
-        "quality_reference_tok_s": round(reference_tok_s, 1),  # its whole run, alone, fp32
+        **{f"quality_{key}": scored[key] for key in ("shape", "val_tokens", "unigram_loss", "attnlab_val_loss",
+                                                     "reference_val_loss")},
+        "quality_vs_reference": scored["attnlab_vs_reference"],
+        "quality_reference_tok_s": scored["reference_tok_s"],  # its whole run, alone
         "train_loop_eval_seconds": metrics["eval_seconds"],  # the validation time the loop's speed leaves out
         "train_loop_windows": len(timer.windows),
         "train_loop_steps_timed": sum(w["steps"] for w in timer.windows),
-        **loop_speed_keys(speeds, metrics["precision"]),
+        **loop_speed_keys(timer.tok_s(), metrics["precision"]),
     }
 
 
-def train_reference(shape: ReferenceShape, train_tokens, budget: Budget, batch_size: int, seed: int,
-                    device: torch.device, precision: str) -> tuple[ReferenceTrainer, float]:
-    """The reference GPT trained alone for the budget's steps: (its trainer, tokens/s over the whole run)."""
-    log(f"training the reference GPT in {precision} ({budget.steps} steps of {batch_size} x {shape.seq_len})")
-    reference = ReferenceTrainer(shape, train_tokens, budget.steps, batch_size, seed, device, precision)
+def against_reference(model: Transformer, params: Params, tokens: str | Path, precision: str) -> dict:
+    """The reference GPT trained alone (in `precision`) on the model's device at its shape and the budget, batch
+    size and seed of `params`, on the token files; both scored in fp32 on exactly the windows `evaluate` scores
+    at the model's seq_len, beside the unigram loss of those targets."""
+    m, vocab, device = model.cfg, model.vocab_size, next(model.parameters()).device
+    budget, batch_size = make_budget(params, vocab), params.train.batch_size
+    train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
+    log(f"training the reference GPT in {precision} ({budget.steps} steps of {batch_size} x {m.seq_len})")
+    reference = ReferenceTrainer(m, vocab, train_tokens, budget.steps, batch_size, params.seed, device, precision)
     start = time.perf_counter()
     for i in progress_bar(range(budget.steps), desc="reference", unit="step"):
         reference.step(i)
     sync(device)
-    return reference, budget.total_tokens / (time.perf_counter() - start)
-
-
-def score_both(model, reference, train_tokens, val_tokens, params: Params, vocab: int) -> tuple[Score, Score, float]:
-    """attnlab's model and the reference scored (fp32, the reference moved to the model's device) on exactly the
-    windows `evaluate` scores at the model's seq_len, and the unigram loss of those targets."""
-    seq_len = model.cfg.seq_len
-    starts = eval_starts(len(val_tokens), seq_len, params.eval.max_tokens)
-    device = next(model.parameters()).device
-    ours, theirs = (score_windows(net.to(device), val_tokens, starts, seq_len, params.eval.batch_size)
-                    for net in (model, reference))
-    return ours, theirs, unigram_loss(train_tokens, window_targets(val_tokens, starts, seq_len), vocab)
-
-
-def reference_against_model(params: Params, tokens: str | Path, model_path: str | Path, precision: str) -> dict:
-    """The reference GPT trained alone (in `precision`, auto = the model's) at the shape, budget, batch size and
-    seed of the model file's training run, on its token files; both scored on evaluate's windows in fp32."""
-    model, meta = load_model(model_path)
-    m, vocab = model.cfg, model.vocab_size
-    if int(load_meta(tokens)["vocab_size"]) != vocab:
-        raise ConfigError(str(tokens), f"holds tokens of another vocabulary than {model_path} ({vocab})")
-    trained = meta.get("train_metrics", {})
-    precision = trained.get("precision", "fp32") if precision == "auto" else precision
-    budget = make_budget(params, vocab)
-    if trained.get("train_tokens") not in (None, budget.total_tokens):
-        raise ConfigError(str(model_path), f"trained on {trained['train_tokens']:,} tokens, params.yaml's budget "
-                                           f"is {budget.total_tokens:,}: run it with the params it was trained with")
-    train_tokens, val_tokens = load_tokens(tokens, "train"), load_tokens(tokens, "val")
-    shape = ReferenceShape(vocab, m.d_model, m.n_layers, m.n_heads, m.d_ff, m.seq_len)
-    reference, reference_tok_s = train_reference(shape, train_tokens, budget, params.train.batch_size, params.seed,
-                                                 torch.device("cpu"), precision)
-    ours, theirs, unigram = score_both(model, reference.model, train_tokens, val_tokens, params, vocab)
+    reference_tok_s = budget.total_tokens / (time.perf_counter() - start)
+    starts = eval_starts(len(val_tokens), m.seq_len, params.eval.max_tokens)
+    ours, theirs = (score_windows(net, val_tokens, starts, m.seq_len, params.eval.batch_size)
+                    for net in (model, reference.model))
     return {
         "shape": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, seq {m.seq_len}, "
-                 f"vocab {vocab}, {budget.total_tokens:,} tokens, batch {params.train.batch_size}, seed {params.seed}",
+                 f"vocab {vocab}, {budget.total_tokens:,} tokens, batch {batch_size}, seed {params.seed}",
         "val_tokens": ours.n_tokens,
-        "unigram_loss": round(unigram, 4),
+        "unigram_loss": round(unigram_loss(train_tokens, window_targets(val_tokens, starts, m.seq_len), vocab), 4),
         "attnlab_val_loss": round(ours.loss, 4),
-        "attnlab_precision": trained.get("precision"),
         "reference_val_loss": round(theirs.loss, 4),
         "reference_precision": precision,
         "attnlab_vs_reference": round(ours.loss / theirs.loss, 4),
@@ -138,8 +89,23 @@ def reference_against_model(params: Params, tokens: str | Path, model_path: str 
     }
 
 
+def reference_against_model(params: Params, tokens: str | Path, model_path: str | Path, precision: str) -> dict:
+    """against_reference on the CPU for a model file, at the budget of its training run (auto: in the precision
+    it trained in); refuses token files of another vocabulary and params of another budget."""
+    model, meta = load_model(model_path, "cpu")
+    if int(load_meta(tokens)["vocab_size"]) != model.vocab_size:
+        raise ConfigError(str(tokens), f"holds tokens of another vocabulary than {model_path} ({model.vocab_size})")
+    trained = meta.get("train_metrics", {})
+    budget = make_budget(params, model.vocab_size)
+    if trained.get("train_tokens") not in (None, budget.total_tokens):
+        raise ConfigError(str(model_path), f"trained on {trained['train_tokens']:,} tokens, params.yaml's budget "
+                                           f"is {budget.total_tokens:,}: run it with the params it was trained with")
+    precision = trained.get("precision", "fp32") if precision == "auto" else precision
+    return {**against_reference(model, params, tokens, precision), "attnlab_precision": trained.get("precision")}
+
+
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[-1])
+    p = argparse.ArgumentParser(description="the reference GPT against a model file (`make reference-study-cpu`)")
     p.add_argument("--model", default="models/model.pt", help="the train stage's model file")
     p.add_argument("--params", default="params.yaml", help="the params it was trained with")
     p.add_argument("--tokens", default="data/tokens", help="the token files it was trained on")

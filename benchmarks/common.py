@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
-import shlex
 import statistics
 import sys
 import tempfile
@@ -17,15 +16,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
 from attnlab.core.errors import ConfigError
-from attnlab.core.params import Params
+from attnlab.core.params import ModelConfig, Params
 from attnlab.model.checkpoint import load_model
 from attnlab.model.loss import NextTokenLoss
+from attnlab.report.compare.grid import parse_override
 from attnlab.training import loop
 from attnlab.training.schedule import make_optimizer
-from benchmarks.reference import ReferenceShape, ReferenceTrainer
+from benchmarks.reference import ReferenceTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peak in FLOP/s (no sparsity), matched against torch.cuda.get_device_name().
@@ -51,29 +50,22 @@ def device_name(device: torch.device) -> str:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """["model.d_model=128", "seed=2"] -> {"model": {"d_model": 128}, "seed": 2}, values parsed as YAML (as
-    `dvc exp run -S` parses them)."""
+    """["model.d_model=128", "seed=2"] -> {"model": {"d_model": 128}, "seed": 2}: each item one value in DVC's -S
+    grammar (attnlab.report.compare.grid)."""
     nested: dict = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError("--set", f"{item!r} is not KEY=VALUE")
-        *parents, leaf = key.split(".")
+        try:
+            override = parse_override(item)
+        except ConfigError as exc:
+            raise ConfigError("--set", exc.message) from None
+        if override.delete or len(override.values) != 1:
+            raise ConfigError("--set", f"{item!r}: expected KEY=VALUE, one value (a sweep is `make sweep`'s)")
+        *parents, leaf = override.key.split(".")
         node = nested
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = override.values[0]
     return nested
-
-
-def quick_params(makefile: Path = ROOT / "Makefile") -> dict:
-    """The quick profile as load_params overrides, read from its one definition: the Makefile's QUICK_PARAMS."""
-    text = makefile.read_text(encoding="utf-8").replace("\\\n", " ")
-    line = next(line for line in text.splitlines() if line.startswith("QUICK_PARAMS"))
-    words = shlex.split(line.split("=", 1)[1])
-    if words[::2] != ["-S"] * len(words[1::2]) or len(words) % 2:
-        raise ValueError(f"{makefile}: QUICK_PARAMS is not a list of -S key=value: {words}")
-    return parse_overrides(words[1::2])
 
 
 # ------------------------------------------------------------------------------ the train stage, as it runs
@@ -92,8 +84,6 @@ def synthetic_tokens(folder: Path, vocab_size: int, n_tokens: int, seq_len: int,
     meta = {"vocab_size": vocab_size, "eos_id": 1, "train": {"tokens": split}, "val": {"tokens": n_tokens - split}}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
-
-
 
 
 def stage_step(params: Params, tokens: str | Path, folder: Path, model: torch.nn.Module | None = None,
@@ -196,13 +186,13 @@ class LoopTimer:
         return {name: tokens / sum(w[name] for w in self.windows) for name in ("loop", *self.partners)}
 
 
-def reference_steps(shape: ReferenceShape, train_tokens: np.ndarray, steps: int, batch_size: int, seed: int,
-                    device: torch.device, bf16: bool) -> dict[str, Step]:
+def reference_steps(cfg: ModelConfig, vocab_size: int, train_tokens: np.ndarray, steps: int, batch_size: int,
+                    seed: int, device: torch.device, bf16: bool) -> dict[str, Step]:
     """The reference GPT's training loop as LoopTimer partners: in fp32, and under bf16 autocast where asked
     (native bf16), so that the loop is held against the reference at its best precision on this machine."""
     precisions = ("fp32", "bf16") if bf16 else ("fp32",)
-    return {f"reference_{precision}": ReferenceTrainer(shape, train_tokens, steps, batch_size, seed, device,
-                                                       precision).step for precision in precisions}
+    return {f"reference_{precision}": ReferenceTrainer(cfg, vocab_size, train_tokens, steps, batch_size, seed,
+                                                       device, precision).step for precision in precisions}
 
 
 def loop_speed_keys(speeds: dict[str, float], precision: str, suffix: str = "") -> dict:

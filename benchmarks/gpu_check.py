@@ -1,16 +1,9 @@
 """`make gpu-check`: one fixed run on a CUDA GPU, whose reports/gpu_check.json fills the GPU section of
-docs/performance.md.
-
-    python -m benchmarks.gpu_check              # `make gpu-check`: without CUDA it refuses before doing any work
-    python -m benchmarks.gpu_check --dry-run    # `make gpu-check DRY_RUN=1`: the same script on the CPU, tiny shape
-
-It runs, each part timed (``*_seconds``): the data stages (`dvc repro tokenize` when data/tokens is missing;
-the dry run: a tiny corpus of attnlab's own source, its tokenizer and token files in a temporary folder);
-``--steps`` steps of the params' model in bf16 with torch.compile (on CUDA) by the train stage's own function,
-timed after ``--warmup-steps`` (common.LoopTimer), with MFU against the dense bf16 peak (else a measured bf16
-matmul) and peak memory; the attention analysis on the model it trained. ``projected_full_study_minutes``: the
-full study's token budget (``full_study_tokens``, of --params) at that speed, validation excluded. The dry run's
-figures check the script, not a machine.
+docs/performance.md: the data stages (`dvc repro tokenize` where data/tokens is missing), --steps steps of the
+params' model in bf16 with torch.compile by the train stage's own function (steady tokens/s after
+--warmup-steps, MFU, peak memory, the full study's budget projected), then the attention analysis on that model.
+Without CUDA it refuses before any work; --dry-run (`make gpu-check DRY_RUN=1`) runs the same script on the CPU
+at a tiny shape on synthetic tokens, which checks the script, not a machine.
 """
 
 from __future__ import annotations
@@ -25,28 +18,24 @@ from pathlib import Path
 
 import torch
 
-import attnlab
 from attnlab.analysis.stats import attention_stats
 from attnlab.core.cli import run_cli
 from attnlab.core.errors import AttnlabError, ConfigError
 from attnlab.core.io import write_json
 from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import Params, load_params
-from attnlab.data.corpus import build_corpus
-from attnlab.data.tokenizer import build_tokenizer, tokenize_corpus
 from attnlab.data.tokens import load_meta
 from attnlab.model.transformer import flops_per_token
 from attnlab.training import loop
 from attnlab.training.schedule import make_budget
-from benchmarks.common import LoopTimer, matmul_flops, peak_rss_mb, table_bf16_peak
+from benchmarks.common import LoopTimer, matmul_flops, peak_rss_mb, synthetic_tokens, table_bf16_peak
 
 TOKENS_DIR = Path("data/tokens")  # what `dvc repro tokenize` writes
 STEPS = {False: 300, True: 24}  # default --steps: on the GPU, on the dry run
 WARMUP_STEPS = {False: 50, True: 8}  # default --warmup-steps: left out of tokens/s (compile, allocator, clocks)
 MATMUL = {"cuda": (8192, 2.0), "cpu": (256, 0.25)}  # n of the n x n bf16 matmul peak, and seconds measuring it
-DRY_RUN = {  # params overrides of the dry run: a tiny model on a tiny corpus of attnlab's own source
-    "corpus": {"sources": [str(Path(attnlab.__file__).resolve().parent)], "max_mb": 0.5, "val_fraction": 0.2},
-    "tokenizer": {"vocab_size": 512, "sample_mb": 0.5},
+DRY_RUN = {  # params overrides of the dry run: a tiny model on synthetic tokens
+    "tokenizer": {"vocab_size": 512},
     "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "seq_len": 32},
     "train": {"batch_size": 4, "eval_tokens": 1024, "log_every": 4},  # bf16 on a CPU without it is slow
     "attention": {"n_examples": 4, "batch_size": 4, "seq_len_filter": [8, 16]},
@@ -72,12 +61,9 @@ def require_cuda(dry_run: bool) -> None:
 
 
 def build_data(params: Params, dry_run: bool, tmp: Path) -> Path:
-    """The token folder: data/tokens (built by `dvc repro tokenize` when missing), or the dry run's tiny one."""
+    """The token folder: data/tokens (built by `dvc repro tokenize` when missing), or the dry run's synthetic one."""
     if dry_run:
-        build_corpus(params.corpus, tmp / "corpus")
-        build_tokenizer(tmp / "corpus", params.tokenizer, params.tokenizer.seed, tmp / "tokenizer")
-        tokenize_corpus(tmp / "corpus", tmp / "tokenizer", tmp / "tokens")
-        return tmp / "tokens"
+        return synthetic_tokens(tmp / "tokens", params.tokenizer.vocab_size, 1 << 16, params.model.seq_len, params.seed)
     if not (TOKENS_DIR / "train.bin").exists():
         log(f"{TOKENS_DIR} is missing: running `dvc repro tokenize` (corpus, tokenizer, tokenize)")
         status = subprocess.run([sys.executable, "-m", "dvc", "repro", "tokenize"], check=False).returncode

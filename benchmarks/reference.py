@@ -13,7 +13,6 @@ Shapes: B batch, T sequence, D d_model, H heads, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,23 +26,13 @@ LR, MIN_LR_RATIO, WARMUP_FRAC = 1e-3, 0.1, 0.05
 BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
 
 
-@dataclass(frozen=True)
-class ReferenceShape:
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_ff: int
-    seq_len: int
-
-
 class ReferenceBlock(nn.Module):
-    def __init__(self, shape: ReferenceShape):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        D, self.n_heads = shape.d_model, shape.n_heads
+        D, self.n_heads = cfg.d_model, cfg.n_heads
         self.ln1, self.ln2 = nn.LayerNorm(D, bias=False), nn.LayerNorm(D, bias=False)
         self.qkv, self.proj = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D, bias=False)
-        self.fc, self.fc_out = nn.Linear(D, shape.d_ff, bias=False), nn.Linear(shape.d_ff, D, bias=False)
+        self.fc, self.fc_out = nn.Linear(D, cfg.d_ff, bias=False), nn.Linear(cfg.d_ff, D, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -55,18 +44,19 @@ class ReferenceBlock(nn.Module):
 
 
 class ReferenceGPT(nn.Module):
-    """forward(idx: (B, T) int64) -> logits (B, T, V)."""
+    """forward(idx: (B, T) int64) -> logits (B, T, V), at the shape of `cfg` (its d_model, n_layers, n_heads, d_ff,
+    seq_len; nothing else of it)."""
 
-    def __init__(self, shape: ReferenceShape):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        self.wte = nn.Embedding(shape.vocab_size, shape.d_model)
-        self.wpe = nn.Embedding(shape.seq_len, shape.d_model)
-        self.blocks = nn.ModuleList(ReferenceBlock(shape) for _ in range(shape.n_layers))
-        self.ln_f = nn.LayerNorm(shape.d_model, bias=False)
+        self.wte = nn.Embedding(vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(ReferenceBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=False)
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 residual = name.endswith(("proj.weight", "fc_out.weight"))
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * shape.n_layers) if residual else 0.02)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers) if residual else 0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.wte(idx) + self.wpe.weight[: idx.shape[1]]  # (B, T, D)
@@ -87,13 +77,13 @@ class ReferenceTrainer:
     """The reference's training loop, one step at a time: step(i) trains on batch i of a `steps`-step run; in
     fp32, or with forward and loss under bf16 autocast (precision="bf16"), as nanoGPT's train.py does."""
 
-    def __init__(self, shape: ReferenceShape, train_tokens: np.ndarray, steps: int, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu", precision: str = "fp32"):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, train_tokens: np.ndarray, steps: int, batch_size: int,
+                 seed: int, device: torch.device | str = "cpu", precision: str = "fp32"):
         torch.manual_seed(seed)
-        self.shape, self.train_tokens, self.steps = shape, train_tokens, steps
+        self.seq_len, self.train_tokens, self.steps = cfg.seq_len, train_tokens, steps
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.bf16 = precision == "bf16"
-        self.model = ReferenceGPT(shape).to(device).train()
+        self.model = ReferenceGPT(cfg, vocab_size).to(device).train()
         groups = [{"params": [p for p in self.model.parameters() if p.dim() == dim], "weight_decay": decay}
                   for dim, decay in ((2, WEIGHT_DECAY), (1, 0.0))]
         self.optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS)
@@ -101,7 +91,7 @@ class ReferenceTrainer:
     def step(self, i: int) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = reference_lr(i % self.steps, self.steps)
-        T = self.shape.seq_len
+        T = self.seq_len
         x, y = windows(self.train_tokens, batch_starts(len(self.train_tokens), T, self.batch_size, self.seed, i), T)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(x.to(self.device))  # (B, T, V)

@@ -14,11 +14,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from attnlab.analysis.capture import explicit_attention
 from attnlab.core.cli import run_cli
-from attnlab.core.params import ModelConfig
+from attnlab.core.errors import ConfigError
+from attnlab.core.params import ModelConfig, load_params
 from attnlab.model.transformer import Transformer, count_parameters, flops_per_token, lm_loss
 from attnlab.training.loop import LogEvent
 from benchmarks import bench
-from benchmarks.common import PARTNER_WARMUP, LoopTimer, loop_speed_keys, parse_overrides, quick_params, side_by_side
+from benchmarks.common import PARTNER_WARMUP, LoopTimer, loop_speed_keys, parse_overrides, side_by_side
 from benchmarks.reference import TorchEncoderLM
 from structure import ROOT
 
@@ -104,26 +105,33 @@ def test_torch_reference_has_attnlab_shape_and_is_causal(norm):
 
 
 def test_overrides_parse_as_dvc_set_does():
-    assert parse_overrides(["model.d_model=128", "seed=2", "attention.seq_len_filter=[32,64]"]) == {
-        "model": {"d_model": 128}, "seed": 2, "attention": {"seq_len_filter": [32, 64]}}
-    with pytest.raises(Exception, match="--set"):
-        parse_overrides(["model.d_model"])
+    assert parse_overrides(["model.d_model=128", "seed=2", "attention.seq_len_filter=[32,64]", "train.lr=3e-3",
+                            "model.pe='rope'"]) == {
+        "model": {"d_model": 128, "pe": "rope"}, "seed": 2, "attention": {"seq_len_filter": [32, 64]},
+        "train": {"lr": 0.003}}
+    for bad in ("model.d_model", "seed=1,2", "~seed"):
+        with pytest.raises(ConfigError, match="--set"):
+            parse_overrides([bad])
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
-def test_quick_params_are_what_make_expands_quick_params_to(tmp_path):
-    """The Makefile is the quick profile's one definition: make's own expansion is the reference."""
-    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-f", "-", "--no-print-directory", "-n", "clean-venv"],
-                          input="$(info $(QUICK_PARAMS))\n", capture_output=True, text=True, cwd=tmp_path, check=True)
-    words = shlex.split(proc.stdout.splitlines()[0])
-    assert words[::2] == ["-S"] * (len(words) // 2)
-    assert quick_params() == parse_overrides(words[1::2])
-    assert quick_params()["attention"]["seq_len_filter"] == [32, 64]  # a quoted YAML list survives the parse
+@pytest.mark.parametrize("target", ["bench", "bench-compile"])
+def test_make_passes_the_quick_profile_as_set_overrides_the_params_accept(target, tmp_path):
+    """The Makefile's QUICK_PARAMS is the quick profile's one definition: make's own expansion of the target's
+    command, parsed as the bench parses it, gives params that load, at the quick profile's shape."""
+    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "--no-print-directory", "-n", "-o", ".venv/bin/.installed",
+                           "VENV=.venv", target], capture_output=True, text=True, cwd=tmp_path, check=True)
+    words = shlex.split(proc.stdout.strip().splitlines()[-1])
+    sets = [value for flag, value in zip(words, words[1:]) if flag == "--set"]
+    params = load_params(ROOT / "params.yaml", parse_overrides(sets))
+    assert len(sets) > 10 and tuple(params.attention.seq_len_filter) == (32, 64)  # a quoted YAML list survives the parse
+    assert (params.model.d_model, params.model.seq_len) == (128, 128) and params.train.max_tokens == 2_000_000
 
 
 @pytest.mark.parametrize(("args", "key"), [
-    (["--steps", "0"], "--steps"), (["--d-model", "30", "--n-heads", "4"], "model.d_model"),
-    (["--pe", "xpos"], "model.pe"), (["--mm-seconds", "0"], "--mm-seconds"), (["--set", "seed"], "--set"),
+    (["--steps", "0"], "--steps"), (["--set", "model.d_model=30", "--set", "model.n_heads=4"], "model.d_model"),
+    (["--set", "model.pe=xpos"], "model.pe"), (["--mm-seconds", "0"], "--mm-seconds"), (["--set", "seed"], "--set"),
+    (["--set", "seed=1,2"], "--set"), (["--warmup", "-1"], "--warmup"),
     (["--study-shape", "d_model=0"], "--study-shape"), (["--study-shape", "depth=4"], "--study-shape"),
     (["--study-shape", "d_model=30"], "model.d_model"), (["--study-steps", "0"], "--study-steps"),
 ])

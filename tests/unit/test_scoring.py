@@ -16,7 +16,7 @@ from attnlab.data.tokens import eval_starts
 from attnlab.model.transformer import Transformer
 from attnlab.training.monitor import LearningWatch
 from attnlab.training.schedule import Budget, decays, lr_at, make_optimizer, warmup_steps
-from benchmarks.reference import ReferenceGPT, ReferenceShape
+from benchmarks.reference import ReferenceGPT
 
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, norm="pre")
 
@@ -111,8 +111,7 @@ def test_learning_watch_warns_once_after_30_percent_near_the_unigram_loss():
 
 
 def test_reference_gpt_is_causal_and_has_no_biases():
-    shape = ReferenceShape(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=16)
-    model = ReferenceGPT(shape).eval()
+    model = ReferenceGPT(ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=16), 40).eval()
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
     idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
