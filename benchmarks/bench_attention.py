@@ -24,6 +24,8 @@ from attnlab.core.params import ModelConfig
 from attnlab.model.transformer import Transformer
 from benchmarks.common import ROOT, peak_rss_mb, side_by_side
 
+REPETITION_SECONDS = 0.4  # about how long the forward runs in each repetition: short ones time the machine's noise
+
 
 def build(shape: dict, vocab_size: int, seed: int, device: str) -> Transformer:
     torch.manual_seed(seed)
@@ -55,7 +57,7 @@ def loop_reference_entropy(model: Transformer, batch: torch.Tensor) -> torch.Ten
 
 
 def attention_section(shape: dict, vocab_size: int, batch_size: int, device: str, seed: int, full: bool = True,
-                      n_batches: int = 2, repeats: int = 3, memory_n_examples: tuple[int, int] = (32, 128)) -> dict:
+                      n_batches: int = 2, repeats: int = 5, memory_n_examples: tuple[int, int] = (32, 128)) -> dict:
     """The bench keys of the attention analysis at one model shape (ModelConfig fields); without `full`, the
     speeds alone (no loop reference, no memory runs)."""
     model = build(shape, vocab_size, seed, device)
@@ -79,8 +81,12 @@ def attention_section(shape: dict, vocab_size: int, batch_size: int, device: str
         kept.clear()
         stream_attention_stats(model, {"val": examples}, batch_size, kept.append)
 
-    tok_s = side_by_side({"forward": forward, "explicit": explicit, "analysis": analysis}, steps=1, reps=repeats,
-                         warmup=1, tokens_per_step=n_tokens, device=torch.device(device))
+    forward(0)
+    start = time.perf_counter()
+    forward(0)
+    calls = max(1, round(REPETITION_SECONDS / (time.perf_counter() - start)))  # of each run, per repetition
+    tok_s = side_by_side({"forward": forward, "explicit": explicit, "analysis": analysis}, steps=calls,
+                         reps=repeats, warmup=1, tokens_per_step=n_tokens, device=torch.device(device))
     speeds = {"tokens": n_tokens, "repeats": repeats, "plain_forward_tok_s": round(tok_s["forward"], 1),
               "analysis_tok_s": round(tok_s["analysis"], 1),
               "analysis_vs_forward": round(tok_s["forward"] / tok_s["analysis"], 3),  # its cost in forward passes

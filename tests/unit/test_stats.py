@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from attnlab.analysis.capture import capture_attention
-from attnlab.analysis.stats import CAUSAL_TOLERANCE, STAT_NAMES, offset_patterns, row_stats, stream_attention_stats
+from attnlab.analysis.stats import (CAUSAL_TOLERANCE, STAT_NAMES, offset_patterns, row_constants, row_stats,
+                                    stream_attention_stats)
 from attnlab.core.params import ModelConfig
 from attnlab.model.transformer import Transformer
 
@@ -256,3 +257,19 @@ def test_stream_is_independent_of_batch_size(stream_inputs, batch_size):
                 assert summary.metrics[split][key] == pytest.approx(value, rel=1e-6)
     for key, value in base_summary.metrics["val"]["heads"].items():
         assert summary.metrics["val"]["heads"][key] == pytest.approx(value, rel=1e-6)
+
+
+def test_row_stats_runs_under_autograd_after_inference_mode_made_its_constants():
+    """row_constants are cached per T: made first under inference mode (as the stream runs), they must still
+    serve a caller that differentiates through row_stats."""
+    row_constants.cache_clear()
+    scores = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    weights = torch.softmax(scores + torch.full((8, 8), float("-inf")).triu(1), -1)  # (B, H, T, T) causal
+    with torch.inference_mode():
+        first = row_stats(weights)
+    leaf = weights.clone().requires_grad_()
+    again = row_stats(leaf)
+    again["mean_distance"].sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    for name, value in first.items():
+        torch.testing.assert_close(again[name].detach(), value, rtol=0, atol=0)

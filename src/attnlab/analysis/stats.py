@@ -18,10 +18,11 @@ the val split).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +55,29 @@ SPLIT_TYPE = pa.dictionary(pa.int8(), pa.string())  # pandas category
 CAUSAL_TOLERANCE = 1e-6  # most weight a row may put on keys after its query before row_stats refuses it
 
 
+class RowConstants(NamedTuple):
+    """What row_stats needs of T alone, made once per (T, dtype, device)."""
+
+    upper: torch.Tensor  # (T*T,) 1 where key > query, in the weights' dtype
+    position: torch.Tensor  # (T,) query position t
+    visible: torch.Tensor  # (T,) t + 1, the number of keys a row may attend to
+    max_bits: torch.Tensor  # (T,) log2(t + 1)
+    moment_weights: torch.Tensor  # (T, 2): columns 1 and key position j
+
+
+@functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # plain tensors, usable whether the caller runs under inference mode or autograd
+def row_constants(T: int, dtype: torch.dtype, device: torch.device) -> RowConstants:
+    position = torch.arange(T, device=device, dtype=torch.float32)
+    return RowConstants(
+        upper=torch.ones(T, T, dtype=dtype, device=device).triu_(1).reshape(T * T),
+        position=position,
+        visible=position + 1.0,
+        max_bits=torch.log2(position + 1.0),
+        moment_weights=torch.stack((torch.ones_like(position), position), dim=-1),
+    )
+
+
 def check_causal(p: torch.Tensor) -> None:
     """Raise ValueError naming the first row of p (..., T, T) with more than CAUSAL_TOLERANCE weight on keys after
     its query position. NaN rows pass: row_stats returns NaN for them rather than hiding them.
@@ -63,7 +87,7 @@ def check_causal(p: torch.Tensor) -> None:
     tolerance when its matrix's sum does not. Only a matrix over it is searched row by row.
     """
     T = p.shape[-1]
-    upper = torch.ones(T, T, dtype=p.dtype, device=p.device).triu_(1).reshape(T * T)  # (T*T,) 1 where key > query
+    upper = row_constants(T, p.dtype, p.device).upper  # (T*T,)
     if not bool((p.reshape(-1, T * T) @ upper > CAUSAL_TOLERANCE).any()):  # (N,) each matrix's weight after t
         return
     after = torch.triu(p, diagonal=1).abs_().sum(-1)  # (..., T) weight on keys j > t
@@ -87,24 +111,23 @@ def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     p = weights.float()  # (..., T, T)
     T = p.shape[-1]
     check_causal(p)
-    position = torch.arange(T, device=p.device, dtype=torch.float32)  # (T,) query position t
-    max_bits = torch.log2(position + 1.0)  # (T,) log2(number of visible keys)
+    c = row_constants(T, p.dtype, p.device)
     # -sum_j p_j ln p_j in one temporary, worked in place: clamping to the smallest normal float makes 0 ln 0 = 0
     # (ln of it is finite); a row with a weight below 0, whose entropy is undefined, is NaN, not hidden
     p_log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p)  # (..., T, T)
-    entropy_nats = -p_log_p.sum(-1)  # (..., T)
+    entropy_bits = p_log_p.sum(-1).mul_(-1.0 / math.log(2.0))  # (..., T)
     del p_log_p
-    entropy_nats = entropy_nats.masked_fill(p.amin(-1) < 0, float("nan"))
+    entropy_bits.masked_fill_(p.amin(-1) < 0, float("nan"))
     # Rounding can step a hair outside the exact bounds [0, log2(t+1)]; NaN stays NaN (clamp keeps it).
-    entropy_bits = torch.minimum((entropy_nats / math.log(2.0)).clamp_min(0.0), max_bits)
+    entropy_bits = torch.minimum(entropy_bits.clamp_min_(0.0), c.max_bits)
     support = torch.exp2(entropy_bits)
     # One pass over the weights gives both sum_j p_j and sum_j p_j j: (..., T, T) @ (T, 2) -> (..., T, 2)
-    moments = p @ torch.stack((torch.ones_like(position), position), dim=-1)
-    mean_distance = position * moments[..., 0] - moments[..., 1]  # sum_j p_j (t - j)
+    moments = p @ c.moment_weights
+    mean_distance = c.position * moments[..., 0] - moments[..., 1]  # sum_j p_j (t - j)
     return {
         "entropy_bits": entropy_bits,
         "support": support,
-        "normalized_support": support / (position + 1.0),
+        "normalized_support": support / c.visible,
         "max_weight": p.amax(-1),
         "mean_distance": mean_distance,
         "weight_on_first": p[..., 0],
