@@ -73,8 +73,8 @@ lens: venv  ## models/model.pt -> models/model_lens.pt, opens in TransformerLens
 bench: venv  ## throughput figures + quality against a reference GPT at the quick shape -> reports/bench.json
 	$(BIN)/python -m benchmarks.bench --out reports/bench.json $(subst -S ,--set ,$(QUICK_PARAMS))
 
-bench-compile: venv  ## torch.compile against eager on the CPU, quick and default shape, compile time included -> reports/bench_compile.json
-	$(BIN)/python -m benchmarks.bench_compile --out reports/bench_compile.json $(subst -S ,--set ,$(QUICK_PARAMS))
+bench-compile: venv  ## torch.compile against eager, quick and study shape, compile time included -> reports/bench_compile.json
+	$(BIN)/python -m benchmarks.bench --only compile --out reports/bench_compile.json $(subst -S ,--set ,$(QUICK_PARAMS))
 
 # fp32 against bf16 autocast on the quick profile x compare.seeds: `make sweep` over train.precision, whole runs
 # as DVC experiments (the table behind `train.precision: auto` in docs/performance.md). Where bf16 is emulated
@@ -82,9 +82,14 @@ bench-compile: venv  ## torch.compile against eager on the CPU, quick and defaul
 precision-seeds: venv  ## fp32 vs bf16 autocast, quick profile x compare.seeds, as DVC experiments -> reports/sweep.html
 	$(MAKE) sweep QUICK=1 SWEEP="-S train.precision=fp32,bf16"
 
-# On a machine without CUDA it refuses at once (exit status 1, the last line of the script says CUDA is needed).
-gpu-check: venv  ## one CUDA GPU: data stages, a few hundred bf16 + compile steps of the default shape, attention analysis -> reports/gpu_check.json (DRY_RUN=1: CPU, tiny shape)
-	$(BIN)/python -m benchmarks.gpu_check --out reports/gpu_check.json $(if $(filter-out 0,$(DRY_RUN)),--dry-run)
+# On a machine without CUDA it refuses at once (exit status 2, one line saying CUDA is needed). DRY_RUN=1: the same
+# section on the CPU at GPU_CHECK_DRY_RUN's tiny shape, on data/tokens (synthetic tokens where there are none).
+GPU_CHECK_DRY_RUN = --device cpu --check-steps 24 --check-warmup 8 \
+	--set model.d_model=32 --set model.n_layers=2 --set model.n_heads=2 \
+	--set model.d_ff=64 --set model.seq_len=32 --set train.batch_size=4 --set train.eval_tokens=256 \
+	--set train.log_every=4 --set attention.n_examples=4 --set attention.batch_size=4 --set 'attention.seq_len_filter=[8,16]'
+gpu-check: venv  ## one CUDA GPU: a few hundred bf16 + compile steps of the default shape, attention analysis -> reports/gpu_check.json (DRY_RUN=1: CPU, tiny shape)
+	$(BIN)/python -m benchmarks.bench --only gpu_check --out reports/gpu_check.json $(if $(filter-out 0,$(DRY_RUN)),$(GPU_CHECK_DRY_RUN))
 
 # `make compare` and `make sweep` queue grids with DVC's own syntax (a comma list in -S is one experiment per
 # value; DVC takes the cartesian product), on top of the workspace params (+ the quick profile with QUICK=1),

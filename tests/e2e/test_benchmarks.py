@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -66,20 +68,46 @@ def test_timing_the_loop_with_partners_leaves_its_training_unchanged(tmp_path):
         assert torch.equal(a, b), name
 
 
+def make_variable(name: str, cwd) -> list[str]:
+    """A variable of the project's Makefile as make expands it, split as the shell splits a command line."""
+    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-f", "-", "--no-print-directory", "-n", "clean-venv"],
+                          input=f"$(info $({name}))\n", capture_output=True, text=True, cwd=cwd, check=True)
+    return shlex.split(proc.stdout.splitlines()[0])
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_gpu_check_dry_run_writes_its_report_on_the_cpu(tmp_path):
+    """`make gpu-check DRY_RUN=1`'s own arguments (the Makefile's GPU_CHECK_DRY_RUN), run from an empty folder:
+    no token files there, so on synthetic ones."""
     out = tmp_path / "reports" / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--params",
-                           str(ROOT / "params.yaml"), "--out", str(out)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"})
+    argv = ["-m", "benchmarks.bench", "--only", "gpu_check", "--out", str(out), "--params", str(ROOT / "params.yaml"),
+            *make_variable("GPU_CHECK_DRY_RUN", tmp_path)]
+    proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"})
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
-    assert results["device"] == "cpu" and results["precision"] == "bf16" and results["compiled"] is False
-    assert results["timed_steps"] == 24 - 8  # the windows after the warm-up steps
+    assert results["device"].startswith("cpu") and results["precision"] == "bf16" and results["compiled"] is False
+    assert results["steps"] == 24 and results["timed_steps"] == 24 - 8  # the windows after the warm-up steps
     study = load_params(ROOT / "params.yaml")  # the full study's budget, not the dry run's tiny one
     assert results["full_study_tokens"] == make_budget(study, study.tokenizer.vocab_size).total_tokens
     assert results["peak_source"] == "measured bf16 matmul" and math.isfinite(results["mfu"])
-    assert {f"{part}_seconds" for part in ("data", "matmul_peak", "train", "analysis", "wall")} <= set(results)
+    assert results["attention_rows"] == 2 * 4 * 2 * 2 * 32  # splits x examples x layers x heads x positions
+    assert list(results["section_seconds"]) == ["gpu_check"] and results["config"]["d_model"] == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]  # the rest lived in a temporary folder
+
+
+def test_the_compile_section_times_both_shapes_and_projects_the_budget(tmp_path):
+    tokens = write_tokens(tmp_path / "tokens")
+    params = write_params(tmp_path / "params.yaml", TINY_TRAIN_PARAMS)
+    out = tmp_path / "compile.json"
+    bench.main(["--only", "compile", "--tokens", str(tokens), "--params", str(params), "--steps", "1", "--reps", "1",
+                "--device", "cpu", "--out", str(out),
+                *[arg for key, value in TINY_STUDY.items() for arg in ("--study-shape", f"{key}={value}")]])
+    results = json.loads(out.read_text())
+    assert list(results["section_seconds"]) == ["compile"]
+    for suffix in ("", "_study_shape"):
+        assert results[f"compile_seconds{suffix}"] >= 0 and math.isfinite(results[f"compiled_vs_eager{suffix}"])
+    assert results["run_tokens"] == 8192 and results["run_minutes_compiled"] > 0
 
 
 def test_the_reference_against_a_trained_model_file_matches_its_budget_and_refuses_another(tmp_path):
