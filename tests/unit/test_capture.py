@@ -9,7 +9,7 @@ from builders import tiny_model
 from attention_reference import loop_attention
 
 from attnlab.analysis.capture import capture_attention, capture_points, edit_point, explicit_attention
-from attnlab.model.transformer import HookPoint, Transformer
+from attnlab.model.transformer import HookPoint, Transformer, causal_mask
 
 VOCAB = 53
 
@@ -188,3 +188,13 @@ def test_nested_explicit_attention_restores_the_outer_setting():
     with explicit_attention(model):
         assert on_explicit_path(model) == [True] * 3
     assert on_explicit_path(model) == [False, True, False]
+
+
+def test_the_causal_mask_is_the_closed_form_made_once_and_never_written():
+    mask = causal_mask(5, torch.float32, torch.device("cpu"))  # (1, T, T)
+    expected = torch.tensor([[0.0 if key <= query else float("-inf") for key in range(5)] for query in range(5)])
+    assert torch.equal(mask, expected[None])
+    model, idx = make_model(seq_len=5), tokens(2, 5)
+    with torch.no_grad(), explicit_attention(model):
+        model(idx)
+    assert causal_mask(5, torch.float32, torch.device("cpu")) is mask and torch.equal(mask, expected[None])

@@ -19,6 +19,7 @@ Shapes: B batch, T sequence, D d_model, H heads, Dh head dimension, V vocabulary
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterator
 
@@ -176,7 +177,7 @@ class CausalSelfAttention(nn.Module):
         if self.pe == "alibi":
             mask = self._alibi_mask(T, dtype)  # (H, T, T): the bias, -inf where key > query
         else:
-            mask = torch.full((T, T), float("-inf"), dtype=dtype, device=q.device).triu_(1)[None]  # (1, T, T)
+            mask = causal_mask(T, dtype, q.device)  # (1, T, T)
         # mask + (q @ k^T) / sqrt(Dh) in one batched GEMM: its output starts as the mask, and the scaled product
         # is added onto it, so the scores are written once; the causal mask broadcasts over the B H matrices as
         # it is written, ALiBi's (one per head) is laid out for them first
@@ -197,6 +198,13 @@ class CausalSelfAttention(nn.Module):
         """The fused path's float mask: ALiBi's bias where key <= query, -inf after it. (H, T, T) in `dtype`."""
         causal = torch.ones(T, T, dtype=torch.bool, device=self.alibi_slopes.device).tril()  # (T, T)
         return alibi_bias(self.alibi_slopes, T).masked_fill(~causal, float("-inf")).to(dtype)  # (H, T, T)
+
+
+@functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # a plain tensor, usable under inference mode and under autograd alike
+def causal_mask(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, T, T): 0 where key <= query, -inf after it; one per (T, dtype, device), shared and never written."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)[None]
 
 
 def _nonlinear_heads(cfg: ModelConfig, layer: int) -> list[int]:
