@@ -17,13 +17,13 @@ from attnlab.analysis.interventions import (
     Temperature,
     TopK,
     Uniform,
-    entropy_bits,
     intervene,
     intervene_parts,
     mean_head_outputs,
     score_intervened,
     score_intervened_together,
 )
+from attnlab.analysis.stats import row_entropy_bits
 
 B, T, VOCAB = 3, 24, 61
 
@@ -319,10 +319,14 @@ def test_bad_interventions_are_refused(model):
 # ---------------------------------------------------------------------------------- the evaluation loop
 
 
-def test_entropy_bits_closed_forms():
+def test_row_entropy_bits_closed_forms():
     uniform = causal_mask(6).float() / torch.arange(1, 7, dtype=torch.float32)[:, None]  # (T, T)
-    torch.testing.assert_close(entropy_bits(uniform), torch.log2(torch.arange(1.0, 7.0)))
-    assert torch.equal(entropy_bits(torch.eye(6)), torch.zeros(6))  # one-hot rows: 0 bits, no NaN from 0 log 0
+    torch.testing.assert_close(row_entropy_bits(uniform), torch.log2(torch.arange(1.0, 7.0)))
+    assert torch.equal(row_entropy_bits(torch.eye(6)), torch.zeros(6))  # one-hot rows: 0 bits, no NaN from 0 log 0
+    negative = torch.eye(6)
+    negative[3, :2] = torch.tensor([-0.5, 0.5])  # a row with a weight below 0: its entropy is undefined
+    bits = row_entropy_bits(negative)
+    assert torch.isnan(bits[3]) and not torch.isnan(bits[[0, 1, 2, 4, 5]]).any()
 
 
 def test_score_intervened_matches_a_per_window_loop_and_is_batch_independent(model):

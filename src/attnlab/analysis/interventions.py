@@ -36,6 +36,7 @@ from typing import Callable, Iterator, Mapping, Sequence, Union
 import torch
 
 from attnlab.analysis.capture import capture_points, edit_point, explicit_attention, hooks
+from attnlab.analysis.stats import row_entropy_bits
 from attnlab.model.scoring import Batch, score_parts
 from attnlab.model.transformer import Transformer
 
@@ -210,11 +211,6 @@ def _mean_edit(layer: int, groups: dict[MeanAblate, list[int]], device: torch.de
 # ----------------------------------------------------------------------------------- measuring on batches
 
 
-def entropy_bits(pattern: torch.Tensor) -> torch.Tensor:
-    """Entropy of each attention row in bits, -sum_j p_j log2 p_j with 0 log 0 = 0. (..., T, T) -> (..., T)."""
-    return torch.special.entr(pattern).sum(-1) / math.log(2.0)  # entr(p) = -p ln p: xlogy's numbers, ~30% faster
-
-
 @dataclass(frozen=True)
 class InterventionScore:
     loss: float  # mean next-token cross-entropy, nats/token
@@ -249,7 +245,7 @@ def score_intervened_together(
 
     def add_entropy(module, inputs, pattern: torch.Tensor) -> None:  # pattern (n b, H, T, T), each layer's
         nonlocal n_rows
-        entropy_sums.add_(entropy_bits(pattern).reshape(n, -1).sum(-1, dtype=torch.float64))  # over (b, H, T)
+        entropy_sums.add_(row_entropy_bits(pattern.float()).reshape(n, -1).sum(-1, dtype=torch.float64))  # over (b, H, T)
         n_rows += pattern.shape[:-1].numel() // n
 
     stacked = ((x.repeat(n, 1), y.repeat(n, 1)) for x, y in batches)  # (n b, T) each

@@ -101,6 +101,17 @@ def check_causal(p: torch.Tensor) -> None:
         )
 
 
+def row_entropy_bits(p: torch.Tensor) -> torch.Tensor:
+    """-sum_j p_j log2 p_j of each row of p (..., T, T) float -> (..., T), with 0 log 0 = 0; NaN for a row with a
+    weight below 0, whose entropy is undefined. In one temporary, worked in place: clamping to the smallest
+    normal float makes ln of a zero weight finite (ln of an exact 0 takes a slow path, and half of a causal
+    matrix is 0)."""
+    p_log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p)  # (..., T, T)
+    bits = p_log_p.sum(-1).mul_(-1.0 / math.log(2.0))  # (..., T)
+    del p_log_p
+    return bits.masked_fill_(p.amin(-1) < 0, float("nan"))
+
+
 def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """Statistics of every attention row. weights (..., T, T), rows = query positions, causal, rows sum to 1.
 
@@ -112,14 +123,8 @@ def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     T = p.shape[-1]
     check_causal(p)
     c = row_constants(T, p.dtype, p.device)
-    # -sum_j p_j ln p_j in one temporary, worked in place: clamping to the smallest normal float makes 0 ln 0 = 0
-    # (ln of it is finite); a row with a weight below 0, whose entropy is undefined, is NaN, not hidden
-    p_log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p)  # (..., T, T)
-    entropy_bits = p_log_p.sum(-1).mul_(-1.0 / math.log(2.0))  # (..., T)
-    del p_log_p
-    entropy_bits.masked_fill_(p.amin(-1) < 0, float("nan"))
     # Rounding can step a hair outside the exact bounds [0, log2(t+1)]; NaN stays NaN (clamp keeps it).
-    entropy_bits = torch.minimum(entropy_bits.clamp_min_(0.0), c.max_bits)
+    entropy_bits = torch.minimum(row_entropy_bits(p).clamp_min_(0.0), c.max_bits)
     support = torch.exp2(entropy_bits)
     # One pass over the weights gives both sum_j p_j and sum_j p_j j: (..., T, T) @ (T, 2) -> (..., T, 2)
     moments = p @ c.moment_weights
