@@ -153,7 +153,8 @@ def compile_speed(setup: BenchSetup, results: dict) -> dict:
     params' and the study's shape, alternating on the same batches: compile_seconds = the first two compiled
     steps less two eager ones; run_minutes_*: the params' whole budget at those speeds, compile time included."""
     out: dict = {}
-    for suffix, params, tokens in (("", setup.params, setup.tokens), ("_study_shape", setup.study, setup.study_tokens)):
+    shapes = (("", setup.params, setup.tokens), ("_study_shape", setup.study, setup.study_tokens))
+    for suffix, params, tokens in shapes:
         per_step = params.train.batch_size * params.model.seq_len
         runs = {name: stage_step(params, tokens, setup.folder / f"{name}{suffix}", compile=name == "compiled")
                 for name in ("eager", "compiled")}
@@ -166,7 +167,8 @@ def compile_speed(setup: BenchSetup, results: dict) -> dict:
         tok_s = side_by_side(runs, setup.args.steps, setup.args.reps, 1, per_step, setup.device)
         compile_seconds = max(0.0, first["compiled"] - first["eager"])
         out.update({f"compile_seconds{suffix}": round(compile_seconds, 1),
-                    f"eager_tok_s{suffix}": round(tok_s["eager"], 1), f"compiled_tok_s{suffix}": round(tok_s["compiled"], 1),
+                    f"eager_tok_s{suffix}": round(tok_s["eager"], 1),
+                    f"compiled_tok_s{suffix}": round(tok_s["compiled"], 1),
                     f"compiled_vs_eager{suffix}": round(tok_s["compiled"] / tok_s["eager"], 3)})
     run_tokens = make_budget(setup.params, setup.params.tokenizer.vocab_size).total_tokens
     return {**out, "run_tokens": run_tokens, "run_minutes_eager": round(run_tokens / out["eager_tok_s"] / 60, 2),
@@ -265,7 +267,8 @@ def build_setup(args: argparse.Namespace, folder: Path) -> BenchSetup:
     for key in ("steps", "reps", "mm_size", "mm_seconds", "study_steps", "warmup"):
         value, least = getattr(args, key), 0 if key == "warmup" else 1e-9
         if value < least:
-            raise ConfigError(f"--{key.replace('_', '-')}", f"{value} must be {'0 or more' if least == 0 else 'positive'}")
+            expected = "0 or more" if least == 0 else "positive"
+            raise ConfigError(f"--{key.replace('_', '-')}", f"{value} must be {expected}")
     device = pick_device(args.device)
     params = load_params(args.params, parse_overrides(args.overrides))
     tokens, T = Path(args.tokens), params.model.seq_len
@@ -286,10 +289,10 @@ def check_gpu_run(args: argparse.Namespace, device: torch.device, log_every: int
     warm-up; on CUDA without token files it makes them (`dvc repro tokenize`) first."""
     if device.type != "cuda" and args.device != "cpu":
         raise ConfigError("--only gpu_check", f"needs CUDA, and torch {torch.__version__} sees no CUDA device; "
-                                              "`make gpu-check DRY_RUN=1` runs it on the CPU (--device cpu) at a tiny shape")
+                          "`make gpu-check DRY_RUN=1` runs it on the CPU (--device cpu) at a tiny shape")
     if args.check_warmup < 0 or args.check_steps < args.check_warmup + 2 * log_every:
         raise ConfigError("--check-steps", f"{args.check_steps} leaves no timed window after --check-warmup "
-                                           f"{args.check_warmup} (needs --check-warmup + 2 x train.log_every={log_every})")
+                          f"{args.check_warmup} (needs --check-warmup + 2 x train.log_every={log_every})")
     if device.type == "cuda" and not (Path(args.tokens) / "train.bin").exists():
         print(f"bench: {args.tokens} is missing: running `dvc repro tokenize`", file=sys.stderr)
         if subprocess.run([sys.executable, "-m", "dvc", "repro", "tokenize"], check=False).returncode != 0:

@@ -1,6 +1,7 @@
 """`make bench`'s attention analysis: attnlab.analysis.stats.stream_attention_stats against a plain forward pass
-(SDPA, no capture) and the explicit path's forward on the same batches, its entropies against the original study's loop over layers, heads and
-query positions, and the peak memory of the streamed stage path in a fresh process at two n_examples.
+(SDPA, no capture) and the explicit path's forward on the same batches, its entropies against the original
+study's loop over layers, heads and query positions, and the peak memory of the streamed stage path in a fresh
+process at two n_examples.
 """
 
 from __future__ import annotations

@@ -131,6 +131,7 @@ def test_the_reference_against_a_trained_model_file_matches_its_budget_and_refus
     assert result["reference_precision"] == metrics["precision"]
     assert math.isfinite(result["reference_val_loss"]) and result["reference_val_loss"] < result["unigram_loss"] + 1
     assert f"{make_budget(params, 512).total_tokens:,} tokens" in result["shape"]
-    longer = dataclasses.replace(params, train=dataclasses.replace(params.train, max_tokens=2 * metrics["train_tokens"]))
+    longer_train = dataclasses.replace(params.train, max_tokens=2 * metrics["train_tokens"])
+    longer = dataclasses.replace(params, train=longer_train)
     with pytest.raises(ConfigError, match="trained on"):
         reference_against_model(longer, tokens, tmp_path / "model.pt", "fp32")

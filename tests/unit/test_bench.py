@@ -119,12 +119,13 @@ def test_overrides_parse_as_dvc_set_does():
 def test_make_passes_the_quick_profile_as_set_overrides_the_params_accept(target, tmp_path):
     """The Makefile's QUICK_PARAMS is the quick profile's one definition: make's own expansion of the target's
     command, parsed as the bench parses it, gives params that load, at the quick profile's shape."""
-    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "--no-print-directory", "-n", "-o", ".venv/bin/.installed",
-                           "VENV=.venv", target], capture_output=True, text=True, cwd=tmp_path, check=True)
+    command = ["make", "-f", str(ROOT / "Makefile"), "--no-print-directory", "-n", "-o", ".venv/bin/.installed",
+               "VENV=.venv", target]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=True)
     words = shlex.split(proc.stdout.strip().splitlines()[-1])
     sets = [value for flag, value in zip(words, words[1:]) if flag == "--set"]
     params = load_params(ROOT / "params.yaml", parse_overrides(sets))
-    assert len(sets) > 10 and tuple(params.attention.seq_len_filter) == (32, 64)  # a quoted YAML list survives the parse
+    assert len(sets) > 10 and tuple(params.attention.seq_len_filter) == (32, 64)  # a quoted list survives the parse
     assert (params.model.d_model, params.model.seq_len) == (128, 128) and params.train.max_tokens == 2_000_000
 
 

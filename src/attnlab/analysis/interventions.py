@@ -245,7 +245,8 @@ def score_intervened_together(
 
     def add_entropy(module, inputs, pattern: torch.Tensor) -> None:  # pattern (n b, H, T, T), each layer's
         nonlocal n_rows
-        entropy_sums.add_(row_entropy_bits(pattern.float()).reshape(n, -1).sum(-1, dtype=torch.float64))  # over (b, H, T)
+        bits = row_entropy_bits(pattern.float())  # (n b, H, T)
+        entropy_sums.add_(bits.reshape(n, -1).sum(-1, dtype=torch.float64))  # each part's sum over (b, H, T)
         n_rows += pattern.shape[:-1].numel() // n
 
     stacked = ((x.repeat(n, 1), y.repeat(n, 1)) for x, y in batches)  # (n b, T) each
