@@ -76,8 +76,7 @@ class BenchSetup:
         return synthetic_tokens(self.folder / "study_tokens", p.tokenizer.vocab_size, n_tokens, p.model.seq_len, p.seed)
 
     def compare(self, runs: dict[str, Step]) -> dict[str, float]:
-        a = self.args
-        return side_by_side(runs, a.steps, a.reps, a.warmup, self.tokens_per_step, self.device)
+        return side_by_side(runs, self.args.steps, self.args.reps, self.args.warmup, self.tokens_per_step, self.device)
 
 
 Section = Callable[[BenchSetup, dict], dict]

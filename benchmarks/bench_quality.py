@@ -58,7 +58,8 @@ def quality_comparison(params: Params, tokens: str | Path, reference_bf16: bool 
     }
 
 
-def against_reference(model: Transformer, params: Params, tokens: str | Path, precision: str) -> dict:
+def against_reference(model: Transformer, params: Params, tokens: str | Path, precision: str,
+                      progress: bool = False) -> dict:
     """The reference GPT trained alone (in `precision`) on the model's device at its shape and the budget, batch
     size and seed of `params`, on the token files; both scored in fp32 on exactly the windows `evaluate` scores
     at the model's seq_len, beside the unigram loss of those targets."""
@@ -73,7 +74,7 @@ def against_reference(model: Transformer, params: Params, tokens: str | Path, pr
     sync(device)
     reference_tok_s = budget.total_tokens / (time.perf_counter() - start)
     starts = eval_starts(len(val_tokens), m.seq_len, params.eval.max_tokens)
-    ours, theirs = (score_windows(net, val_tokens, starts, m.seq_len, params.eval.batch_size)
+    ours, theirs = (score_windows(net, val_tokens, starts, m.seq_len, params.eval.batch_size, progress=progress)
                     for net in (model, reference.model))
     return {
         "shape": f"d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, d_ff {m.d_ff}, seq {m.seq_len}, "
@@ -101,7 +102,8 @@ def reference_against_model(params: Params, tokens: str | Path, model_path: str 
         raise ConfigError(str(model_path), f"trained on {trained['train_tokens']:,} tokens, params.yaml's budget "
                                            f"is {budget.total_tokens:,}: run it with the params it was trained with")
     precision = trained.get("precision", "fp32") if precision == "auto" else precision
-    return {**against_reference(model, params, tokens, precision), "attnlab_precision": trained.get("precision")}
+    scored = against_reference(model, params, tokens, precision, progress=True)
+    return {**scored, "attnlab_precision": trained.get("precision")}
 
 
 def main(argv: list[str]) -> None:

@@ -242,12 +242,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.ln1(x)))
+            x = x + self.drop(self.attention(x))
             x = x + self.drop(self.mlp(self.ln2(x)))
         else:
-            x = self.ln1(x + self.drop(self.attn(x)))
+            x = self.ln1(x + self.drop(self.attention(x)))
             x = self.ln2(x + self.drop(self.mlp(x)))
         return self.hook_resid_post(x)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention sublayer's output for the block's input x (B, T, D), before the residual add."""
+        return self.attn(self.ln1(x) if self.pre_norm else x)
 
 
 # ------------------------------------------------------------------------------------------- transformer
@@ -309,8 +313,7 @@ class Transformer(nn.Module):
         x = self.embed(idx)  # (B, T, D)
         for block in self.blocks[:-1]:
             x = block(x)  # (B, T, D)
-        last = self.blocks[-1]
-        last.attn(last.ln1(x) if last.pre_norm else x)
+        self.blocks[-1].attention(x)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token (+ absolute position) embeddings of idx (B, T): (B, T, D), through hook_embed."""
