@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from attnlab.analysis import stats
 from attnlab.analysis.capture import capture_attention
 from attnlab.analysis.stats import (CAUSAL_TOLERANCE, STAT_NAMES, offset_patterns, row_constants, row_stats,
                                     stream_attention_stats)
@@ -57,6 +58,18 @@ def test_row_stats_match_loop_reference():
         assert got[name].shape == (2, 3, 9)
         assert got[name].dtype == torch.float32
         np.testing.assert_allclose(got[name].numpy(), want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("block_rows", [1, 4, 7, 54, 1000])
+def test_row_stats_match_loop_reference_whatever_the_entropy_blocks(monkeypatch, block_rows):
+    """The entropy goes through the rows in blocks of ENTROPY_BLOCK weights: blocks of one row, blocks that do
+    not divide the rows (54 rows of 9 keys), one block, and one larger than the rows give the same entropies."""
+    monkeypatch.setattr(stats, "ENTROPY_BLOCK", block_rows * 9)
+    torch.manual_seed(1)
+    weights = causal_softmax(torch.randn(2, 3, 9, 9) * 3)  # (B, H, T, T): 54 rows
+    want = loop_reference(weights)["entropy_bits"]
+    np.testing.assert_allclose(row_stats(weights)["entropy_bits"].numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.row_entropy_bits(weights).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_row_stats_match_loop_reference_on_hand_built_rows():

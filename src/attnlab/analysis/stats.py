@@ -62,7 +62,6 @@ class RowConstants(NamedTuple):
     position: torch.Tensor  # (T,) query position t
     visible: torch.Tensor  # (T,) t + 1, the number of keys a row may attend to
     max_bits: torch.Tensor  # (T,) log2(t + 1)
-    moment_weights: torch.Tensor  # (T, 2): columns 1 and key position j
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,7 +73,6 @@ def row_constants(T: int, dtype: torch.dtype, device: torch.device) -> RowConsta
         position=position,
         visible=position + 1.0,
         max_bits=torch.log2(position + 1.0),
-        moment_weights=torch.stack((torch.ones_like(position), position), dim=-1),
     )
 
 
@@ -101,15 +99,24 @@ def check_causal(p: torch.Tensor) -> None:
         )
 
 
+ENTROPY_BLOCK = 1 << 18  # weights per block of rows on the CPU (1 MB in fp32): the block's temporary stays in cache
+
+
 def row_entropy_bits(p: torch.Tensor) -> torch.Tensor:
     """-sum_j p_j log2 p_j of each row of p (..., T, T) float -> (..., T), with 0 log 0 = 0; NaN for a row with a
-    weight below 0, whose entropy is undefined. In one temporary, worked in place: clamping to the smallest
-    normal float makes ln of a zero weight finite (ln of an exact 0 takes a slow path, and half of a causal
-    matrix is 0)."""
-    p_log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p)  # (..., T, T)
-    bits = p_log_p.sum(-1).mul_(-1.0 / math.log(2.0))  # (..., T)
-    del p_log_p
-    return bits.masked_fill_(p.amin(-1) < 0, float("nan"))
+    weight below 0, whose entropy is undefined.
+
+    Adding the smallest normal float makes ln of a zero weight finite (ln of an exact 0 takes a slow path, and
+    half of a causal matrix is 0) and leaves every other weight as it is, or moves it by less than that float;
+    ln of a negative weight stays NaN, and so does its row's sum. On the CPU the rows go a block at a time, each
+    block's p ln p made in one temporary that stays in cache while it is summed; elsewhere all rows at once.
+    """
+    T = p.shape[-1]
+    rows = p.reshape(-1, T)  # (N, T)
+    block = max(1, ENTROPY_BLOCK // T) if p.device.type == "cpu" else max(1, rows.shape[0])
+    tiny = torch.finfo(p.dtype).tiny
+    sums = [weights.add(tiny).log_().mul_(weights).sum(-1) for weights in rows.split(block)]  # (C,) each
+    return torch.cat(sums).mul_(-1.0 / math.log(2.0)).view(p.shape[:-1])  # (..., T)
 
 
 def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,9 +133,8 @@ def row_stats(weights: torch.Tensor) -> dict[str, torch.Tensor]:
     # Rounding can step a hair outside the exact bounds [0, log2(t+1)]; NaN stays NaN (clamp keeps it).
     entropy_bits = torch.minimum(row_entropy_bits(p).clamp_min_(0.0), c.max_bits)
     support = torch.exp2(entropy_bits)
-    # One pass over the weights gives both sum_j p_j and sum_j p_j j: (..., T, T) @ (T, 2) -> (..., T, 2)
-    moments = p @ c.moment_weights
-    mean_distance = c.position * moments[..., 0] - moments[..., 1]  # sum_j p_j (t - j)
+    # sum_j p_j (t - j) = t sum_j p_j - sum_j p_j j: a row sum and a matrix-vector product
+    mean_distance = c.position * p.sum(-1) - p @ c.position  # (..., T)
     return {
         "entropy_bits": entropy_bits,
         "support": support,
@@ -184,7 +190,7 @@ class Summary:
     n_layers: int
     n_heads: int
     seq_len: int
-    pattern_sums: np.ndarray  # (L, H, T, T) float64 sum of attention weights over examples
+    pattern_sums: np.ndarray | None = None  # (L, H, T, T) float64 sum of attention weights over examples, at the end
     n_patterns: int = 0  # examples summed into pattern_sums
     stat_sums: dict = field(default_factory=dict)  # split -> {name: float sum}
     stat_counts: dict = field(default_factory=dict)  # split -> number of rows
@@ -261,7 +267,7 @@ def stream_attention_stats(
     device = next(model.parameters()).device
     n_max = max(len(ex) for ex in examples.values())
     schema = stats_schema(n_max, L, H, T)
-    summary = Summary(L, H, T, pattern_sums=np.zeros((L, H, T, T)))
+    summary = Summary(L, H, T)
     pattern_sums = torch.zeros(L, H, T, T, dtype=torch.float64, device=device)
 
     def add_pattern(layer: int, weights: torch.Tensor) -> None:

@@ -1,9 +1,7 @@
 """Which device to compute on: auto = CUDA, then Apple MPS, then CPU; an absent explicit device is an error.
-Also what the device offers (native bf16) and how the CPU allocator should behave for training."""
+Also what the device offers (native bf16)."""
 
 from __future__ import annotations
-
-import ctypes
 
 import torch
 
@@ -46,27 +44,3 @@ def native_bf16(device: torch.device) -> bool:
 def cpu_flags_have_bf16(flags) -> bool:
     """Whether a CPU with these /proc/cpuinfo flags has bf16 arithmetic (AVX-512 BF16 or AMX)."""
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-# glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's upper limit on 64-bit
-TRIM_THRESHOLD = 1024 * 1024 * 1024
-
-
-def keep_freed_memory() -> bool:
-    """Training on the CPU: let glibc's malloc keep freed blocks for reuse instead of handing them back to the OS.
-
-    Each step allocates and frees the same large tensors (logits and their gradient: batch x seq_len x vocab
-    floats, 16 MB at the quick profile). By default glibc serves such blocks with mmap, or trims them off the
-    heap when freed, so every step page-faults them in again: profiled as aten::fill_ and first-touch time, ~20%
-    of a quick-profile step (docs/performance.md). Blocks up to 32 MB then come from the heap, which keeps up to
-    1 GB of free memory. Memory held stays at the step's peak. glibc (Linux) only: elsewhere a no-op, False.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    mmap_ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-    trim_ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    return bool(mmap_ok and trim_ok)

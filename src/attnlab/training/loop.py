@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from attnlab.core.progress import progress_bar
 from attnlab.model.scoring import score_windows, unigram_loss, window_targets
-from attnlab.core.device import keep_freed_memory, pick_device
+from attnlab.core.device import pick_device
 from attnlab.core.errors import AttnlabError, ConfigError
 from attnlab.core.io import write_json
+from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import Params
 from attnlab.data.tokens import batch_starts, check_length, eval_starts, load_meta, load_tokens, rank_slice, windows
 from attnlab.model.checkpoint import save_model
@@ -172,7 +173,7 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
     if world.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
     if device.type == "cpu":
-        keep_freed_memory()  # no page faults on each step's large buffers (attnlab.core.device)
+        keep_freed_memory()  # no page faults on each step's large buffers (attnlab.core.memory)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
