@@ -13,7 +13,6 @@ from pathlib import Path
 
 from attnlab.core.cli import run_cli
 from attnlab.core.device import pick_device
-from attnlab.core.memory import keep_freed_memory
 from attnlab.core.params import load_params
 from attnlab.training.distributed import check_world
 from attnlab.training.loop import TrainPaths, train
@@ -31,7 +30,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--snapshots", default="models/snapshots", help="float16 weights at init and every validation point")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    keep_freed_memory()  # large tensors every batch: reuse their pages (attnlab.core.memory)
 
     nproc = params.train.nproc_per_node
     if nproc > 1 and "LOCAL_RANK" not in os.environ:

@@ -36,7 +36,7 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 kept = keep_freed_memory() if sys.argv[1] in ("keep", "train") else None
-if sys.argv[1] == "train":  # then the train loop's set-up, as the train stage runs it after the call above
+if sys.argv[1] == "train":  # then the train loop's set-up, which sets it again on the CPU
     import tempfile
     from pathlib import Path
     from attnlab.core.params import load_params
@@ -76,7 +76,7 @@ def test_after_keep_freed_memory_a_large_tensor_comes_from_the_heap_and_its_free
 
 
 def test_the_train_loop_keeps_the_stages_allocator_setting():
-    """The train stage calls keep_freed_memory, then the loop's set-up: a large tensor still comes from the
+    """keep_freed_memory, then the loop's set-up (as `make bench` runs it): a large tensor still comes from the
     heap afterwards (a second, lower mmap threshold set by the loop would map it, and page-fault it anew every
     step, as it did to the bench's reference GPT and its 537 MB logits)."""
     trained = heap("train")

@@ -173,7 +173,7 @@ def set_up(params: Params, paths: TrainPaths) -> Run:
     if world.world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend)
     if device.type == "cpu":
-        keep_freed_memory()  # no page faults on each step's large buffers (attnlab.core.memory)
+        keep_freed_memory()  # no page faults on each step's large buffers, for every caller (attnlab.core.memory)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
